@@ -1,0 +1,127 @@
+"""The torch cast against the integer-domain numpy reference, for every mode combination."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from qfx_onnx.fixed import FixedType, OverflowMode, QuantMode, cast, cast_codes, reference_cast, reference_codes
+
+MODES = list(itertools.product(QuantMode, OverflowMode))
+
+
+def edge_values(t: FixedType, rng: np.random.Generator, n: int = 400) -> np.ndarray:
+    """Values that stress a type: ties at half an LSB, either side of them, range ends, specials."""
+    lsb = t.lsb
+    span = min(t.width, 52)
+    codes = rng.integers(-(2**span), 2**span, n).astype(np.float64)
+    ties = (codes + 0.5) * lsb
+    hi, lo = t.max_value, t.min_value
+    ends = np.array([hi, lo, hi + lsb / 2, lo - lsb / 2, hi + lsb, lo - lsb, -hi, -hi - lsb / 2])
+    special = np.array([0.0, -0.0, np.inf, -np.inf, 1e300, -1e300, 5e-324, -5e-324, 1e-300, -1e-300, 2.0**70, -(2.0**70)])
+    scale = max(abs(lo), hi, lsb)
+    return np.concatenate([
+        ties, np.nextafter(ties, np.inf), np.nextafter(ties, -np.inf), ends, np.nextafter(ends, np.inf),
+        np.nextafter(ends, -np.inf), special, rng.normal(0, scale, n), rng.normal(0, 4 * scale, n),
+    ])
+
+
+def as_signed_pattern(codes: np.ndarray) -> np.ndarray:
+    return codes.view(np.int64) if codes.dtype == np.uint64 else codes
+
+
+TYPES = [(8, 3, True, 0), (8, 3, False, 0), (5, -2, True, 1), (12, 15, True, 0), (8, 3, True, 2), (8, 3, False, 3),
+         (1, 1, True, 0), (1, 0, False, 1), (2, 1, True, 2), (24, 8, True, 0), (33, 10, True, 0), (53, 20, True, 0),
+         (54, 20, True, 1), (64, 30, True, 0), (64, 64, False, 0), (64, 2, True, 3), (64, 0, False, 64)]
+
+
+@pytest.mark.parametrize("q, o", MODES, ids=lambda m: m.value)
+def test_torch_matches_reference_all_modes(q, o):
+    rng = np.random.default_rng(hash((q.value, o.value)) % 2**32)
+    for w, i, s, n in TYPES:
+        t = FixedType(w, i, s, q, o, n)
+        x = edge_values(t, rng)
+        ref = reference_codes(x, t)
+        got = cast_codes(torch.from_numpy(x), t).numpy()
+        bad = np.nonzero(as_signed_pattern(ref) != got)[0]
+        assert bad.size == 0, f"{t}: x={x[bad[:3]]!r} ref={ref[bad[:3]]} torch={got[bad[:3]]}"
+        values = cast(torch.from_numpy(x), t).numpy()
+        np.testing.assert_array_equal(values, reference_cast(x, t), err_msg=str(t))
+
+
+@pytest.mark.parametrize("q, o", MODES, ids=lambda m: m.value)
+def test_float32_inputs_exact_for_narrow_types(q, o):
+    rng = np.random.default_rng(7)
+    for w, i, s in [(8, 3, True), (16, 4, False), (24, 0, True), (6, 9, True), (10, -3, False)]:
+        t = FixedType(w, i, s, q, o)
+        with np.errstate(over="ignore"):
+            x32 = edge_values(t, rng).astype(np.float32)
+        got = cast(torch.from_numpy(x32), t)
+        assert got.dtype == torch.float32
+        want = reference_cast(x32.astype(np.float64), t).astype(np.float32)
+        np.testing.assert_array_equal(got.numpy(), want, err_msg=str(t))
+
+
+type_strategy = st.builds(
+    lambda w, i, s, q, o, n: FixedType(w, i, s, q, o, min(n, w)),
+    st.integers(1, 64), st.integers(-40, 100), st.booleans(),
+    st.sampled_from(list(QuantMode)), st.sampled_from(list(OverflowMode)), st.integers(0, 3),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(type_strategy, st.lists(st.floats(allow_nan=False, width=64), min_size=1, max_size=40), st.integers(0, 2**31))
+def test_property_random_types(t, xs, seed):
+    rng = np.random.default_rng(seed)
+    # mix hypothesis' floats with values on this type's grid and exact ties
+    grid = (rng.integers(-(2 ** min(t.width, 50)), 2 ** min(t.width, 50), 20) + rng.choice([0.0, 0.5], 20)) * t.lsb
+    x = np.concatenate([np.array(xs), grid])
+    ref = as_signed_pattern(reference_codes(x, t))
+    got = cast_codes(torch.from_numpy(x), t).numpy()
+    np.testing.assert_array_equal(got, ref, err_msg=str(t))
+
+
+def test_ap_int_quirks_match_reference():
+    x = np.array([-0.3, -0.5, -0.7, 0.3, 2.9, -2.9, 300.7, -300.7, 1e30, np.inf, -0.0])
+    for t in ["ap_int<8>", "ap_uint<8>", "ap_int<1>", "ap_int<64>", "ap_uint<64>"]:
+        ref = as_signed_pattern(reference_codes(x, t))
+        np.testing.assert_array_equal(cast_codes(torch.from_numpy(x), t).numpy(), ref, err_msg=t)
+    # ap_int_base(double) truncates toward zero but gives +1 for values in (-0.5, 0)
+    assert reference_codes(np.array([-0.3, -2.9]), "ap_int<8>").tolist() == [1, -2]
+
+
+def test_negative_zero_becomes_positive_zero():
+    out = cast(torch.tensor([-0.0, -1e-9]), "ap_fixed<8,3,AP_RND>")
+    assert not torch.signbit(out).any()
+
+
+def test_shapes_and_dtypes_preserved():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64):
+        y = cast(x.to(dtype), "ap_fixed<10,2,AP_RND_CONV,AP_SAT>")
+        assert y.shape == x.shape and y.dtype == dtype
+
+
+def test_wide_types_need_float64_to_be_exact():
+    t = FixedType.parse("ap_fixed<40,20>")
+    x = torch.tensor([math.pi * 1000], dtype=torch.float64)
+    exact = cast(x, t)
+    assert exact.item() == reference_cast(x.numpy(), t)[0]
+    assert cast(x.float(), t).dtype == torch.float32  # rounded to float32: documented, not exact
+
+
+def test_non_float_input_is_rejected():
+    with pytest.raises(TypeError):
+        cast(torch.arange(3), "ap_fixed<8,3>")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    x = torch.from_numpy(edge_values(FixedType.parse("ap_fixed<12,4>"), np.random.default_rng(0)))
+    for q, o in MODES:
+        t = FixedType(12, 4, True, q, o, 1)
+        np.testing.assert_array_equal(cast(x.cuda(), t).cpu().numpy(), cast(x, t).numpy())
+        np.testing.assert_array_equal(cast(x.float().cuda(), t).cpu().numpy(), cast(x.float(), t).numpy())
