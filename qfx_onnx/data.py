@@ -1,0 +1,282 @@
+"""Calibration and evaluation data: ``.npz`` / ``.npy`` files or a ``module:function`` hook.
+
+A dataset spec is one of
+
+* ``path/to/data.npz`` with key ``x`` (inputs, batch first) and optionally ``y`` (integer class
+  labels) and ``train_idx`` / ``test_idx`` (row indices selecting a split). Other keys are ignored.
+* ``path/to/inputs.npy``: inputs only, no labels, no splits.
+* ``package.module:function``: a function returning a map-style ``torch.utils.data.Dataset`` whose
+  items are ``(x, y)`` or ``x``. It is called as ``function()``, or ``function(split=...)`` when a
+  split is asked for. The current directory is importable while the module loads.
+
+Files are always read with ``allow_pickle=False``. Every problem is reported as a
+:class:`~qfx_onnx.errors.DataError` whose one-line message names the file (or hook) and the problem.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset
+
+from qfx_onnx.errors import DataError
+
+SPLITS = ("train", "test")
+_HOOK_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+
+
+class ArrayDataset(Dataset):
+    """Inputs (and labels) held as tensors; items are ``(x[i], y[i])``, or ``x[i]`` without labels.
+
+    ``x`` is float32 with at least one dimension (the batch); ``y`` is int64 of shape ``(len(x),)``
+    or None. ``source`` names where the data came from, for messages.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor | None, source: str) -> None:
+        self.x = x
+        self.y = y
+        self.source = source
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int) -> Any:
+        return self.x[i] if self.y is None else (self.x[i], self.y[i])
+
+
+def load_dataset(spec: str | os.PathLike, split: str | None = None) -> Dataset:
+    """Open the dataset named by ``spec`` (see module docstring), restricted to ``split``.
+
+    ``split`` is ``"train"``, ``"test"`` or None (every row). For files the result is an
+    :class:`ArrayDataset` whose inputs are finite float32 and whose labels, if any, are
+    non-negative int64 of matching length. For a hook it is the hook's own map-style dataset,
+    checked only for having a length; its items are validated by :func:`load_arrays`.
+    Raises DataError for a bad spec, split, file, key, dtype or shape, and for a failing hook.
+    """
+    if split is not None and split not in SPLITS:
+        raise DataError(f"{spec}: unknown split {split!r}; expected one of {', '.join(SPLITS)} or none")
+    text = os.fspath(spec)
+    suffix = Path(text).suffix.lower()
+    if suffix == ".npz":
+        return _load_npz(Path(text), split)
+    if suffix == ".npy":
+        if split is not None:
+            raise DataError(f"{text}: a .npy file holds inputs only and has no {split!r} split; use an .npz with {split}_idx")
+        x = _as_inputs(_read_npy(Path(text)), text)
+        return ArrayDataset(x, None, text)
+    if _HOOK_RE.match(text):
+        return _load_hook(text, split)
+    raise DataError(f"{text}: not a dataset spec; expected a .npz or .npy file, or module:function")
+
+
+def load_arrays(spec: str | os.PathLike, split: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All rows of ``load_dataset(spec, split)`` as tensors ``(x, y)``.
+
+    ``x`` is float32 of shape ``(N, *sample_shape)`` with N >= 1 and finite values; ``y`` is
+    int64 of shape ``(N,)`` with non-negative values, or None when the data has no labels. Hook
+    items must all be ``(x, y)`` or all ``x``, with one sample shape; they are read into memory.
+    """
+    dataset = load_dataset(spec, split)
+    if isinstance(dataset, ArrayDataset):
+        return dataset.x, dataset.y
+    return _stack_items(dataset, os.fspath(spec))
+
+
+def check_matches_model(x: torch.Tensor | np.ndarray, input_shape: Sequence[int | str | None], source: str = "data") -> None:
+    """Raise DataError unless samples ``x`` (batch first) fit a model input of ``input_shape``.
+
+    ``input_shape`` includes the batch dimension, which is not compared (callers may feed a
+    fixed-batch model in chunks). Dimensions that are None or a string (ONNX ``dim_param``) are
+    dynamic and match any size; every other dimension must equal the sample's, and the ranks
+    must agree. ``source`` names the data in the message.
+    """
+    data_shape = tuple(x.shape)
+    model_shape = tuple(input_shape)
+    shown = "(" + ", ".join("?" if _is_dynamic(d) else str(d) for d in model_shape) + ")"
+    if len(data_shape) != len(model_shape):
+        raise DataError(f"{source}: samples of shape {data_shape} have rank {len(data_shape)}, but the model input {shown} has rank {len(model_shape)}")
+    for axis, (have, want) in enumerate(zip(data_shape, model_shape)):
+        if axis > 0 and not _is_dynamic(want) and have != int(want):
+            raise DataError(f"{source}: samples of shape {data_shape} do not fit the model input {shown} (axis {axis}: {have} != {want})")
+
+
+def _is_dynamic(dim: int | str | None) -> bool:
+    return dim is None or isinstance(dim, str)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    _check_file(path)
+    with open(path, "rb") as f:
+        # np.load falls back to unpickling for unknown content; refuse anything without the header.
+        if f.read(6) != b"\x93NUMPY":
+            raise DataError(f"{path}: not a .npy file (no NumPy header)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise DataError(f"{path}: holds pickled objects, which are never loaded") from None
+        raise DataError(f"{path}: not a readable .npy file ({_one_line(exc)})") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read ({_one_line(exc)})") from None
+
+
+def _load_npz(path: Path, split: str | None) -> ArrayDataset:
+    _check_file(path)
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a .npz file (not a zip archive)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = set(archive.files)
+            if "x" not in keys:
+                raise DataError(f"{path}: missing key 'x' (found: {', '.join(sorted(keys)) or 'none'})")
+            wanted = ["x"] + [k for k in ("y", f"{split}_idx") if k in keys]
+            arrays = {key: archive[key] for key in wanted}
+    except DataError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise DataError(f"{path}: holds pickled objects, which are never loaded") from None
+        raise DataError(f"{path}: not a readable .npz file ({_one_line(exc)})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({_one_line(exc)})") from None
+    x = _as_inputs(arrays["x"], f"{path}: key 'x'")
+    y = _as_labels(arrays["y"], len(x), f"{path}: key 'y'") if "y" in arrays else None
+    if split is not None:
+        key = f"{split}_idx"
+        if key not in arrays:
+            raise DataError(f"{path}: split {split!r} asked for, but key {key!r} is missing")
+        idx = _as_indices(arrays[key], len(x), f"{path}: key {key!r}")
+        x = x[idx]
+        y = None if y is None else y[idx]
+    return ArrayDataset(x, y, str(path))
+
+
+def _as_inputs(array: np.ndarray, where: str) -> torch.Tensor:
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{where} has dtype {array.dtype}; expected a numeric (float or integer) array")
+    if array.ndim < 1 or array.shape[0] == 0:
+        raise DataError(f"{where} has shape {array.shape}; expected at least one sample along axis 0")
+    with np.errstate(over="ignore"):  # overflow becomes inf, reported just below
+        x = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{where} holds NaN or infinite values (after conversion to float32)")
+    return torch.from_numpy(x)
+
+
+def _as_labels(array: np.ndarray, n: int, where: str) -> torch.Tensor:
+    if array.dtype.kind not in "iu":
+        raise DataError(f"{where} has dtype {array.dtype}; expected integer class labels")
+    if array.shape != (n,):
+        raise DataError(f"{where} has shape {array.shape}; expected ({n},), one label per input")
+    if n and array.min() < 0:
+        raise DataError(f"{where} holds negative labels; expected class indices >= 0")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+
+
+def _as_indices(array: np.ndarray, n: int, where: str) -> torch.Tensor:
+    if array.dtype.kind not in "iu":
+        raise DataError(f"{where} has dtype {array.dtype}; expected integer row indices")
+    if array.ndim != 1 or array.shape[0] == 0:
+        raise DataError(f"{where} has shape {array.shape}; expected a non-empty 1-D index array")
+    if array.min() < 0 or array.max() >= n:
+        raise DataError(f"{where} holds indices outside 0..{n - 1}")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+
+
+def _load_hook(spec: str, split: str | None) -> Dataset:
+    module_name, func_name = spec.split(":")
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise DataError(f"{spec}: cannot import module {module_name!r} ({_one_line(exc)})") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise DataError(f"{spec}: module {module_name!r} has no function {func_name!r}")
+    try:
+        dataset = func() if split is None else func(split=split)
+    except Exception as exc:
+        raise DataError(f"{spec}: the hook raised {_one_line(exc)}") from None
+    if isinstance(dataset, IterableDataset) or not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):
+        raise DataError(f"{spec}: the hook returned {type(dataset).__name__}; expected a map-style torch.utils.data.Dataset with a length")
+    return dataset
+
+
+def _stack_items(dataset: Dataset, spec: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    try:
+        n = len(dataset)
+    except Exception as exc:
+        raise DataError(f"{spec}: len(dataset) raised {_one_line(exc)}") from None
+    if n == 0:
+        raise DataError(f"{spec}: the dataset is empty")
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    labelled: bool | None = None
+    for i in range(n):
+        try:
+            item = dataset[i]
+        except Exception as exc:
+            raise DataError(f"{spec}: dataset[{i}] raised {_one_line(exc)}") from None
+        has_label = isinstance(item, tuple)
+        if has_label and len(item) != 2:
+            raise DataError(f"{spec}: dataset[{i}] is a tuple of {len(item)}; expected (x, y) or x")
+        if labelled is None:
+            labelled = has_label
+        elif has_label != labelled:
+            raise DataError(f"{spec}: dataset[{i}] {'has' if has_label else 'lacks'} a label, unlike dataset[0]")
+        x_item = item[0] if has_label else item
+        xs.append(_item_input(x_item, f"{spec}: dataset[{i}]", xs[0].shape if xs else None))
+        if has_label:
+            ys.append(_item_label(item[1], f"{spec}: dataset[{i}]"))
+    x = _as_inputs(np.stack(xs), f"{spec}: inputs")
+    y = torch.tensor(ys, dtype=torch.int64) if labelled else None
+    return x, y
+
+
+def _item_input(value: Any, where: str, shape: tuple[int, ...] | None) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+        kind = f"array of {value.dtype}" if isinstance(value, np.ndarray) else type(value).__name__
+        raise DataError(f"{where}: input is {kind}; expected a numeric tensor or array")
+    if shape is not None and value.shape != shape:
+        raise DataError(f"{where}: input has shape {value.shape}, unlike dataset[0] with {shape}")
+    return value
+
+
+def _item_label(value: Any, where: str) -> int:
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not (value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool):
+        value = int(value.item())
+    elif isinstance(value, (np.ndarray, np.integer)) and value.ndim == 0 and value.dtype.kind in "iu":
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataError(f"{where}: label is {type(value).__name__}; expected an integer class index")
+    if value < 0:
+        raise DataError(f"{where}: label {value} is negative; expected a class index >= 0")
+    return value
