@@ -6,3 +6,4 @@ try:
     __version__ = _version("qfx-onnx")
 except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0+source"
+from qfx_onnx.importer import load_onnx  # noqa: E402,F401 - the public entry point
