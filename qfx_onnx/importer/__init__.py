@@ -22,7 +22,8 @@ Metadata (``node.meta``) on every node
     "internal" (decomposition steps, the output node).
 
 ``gm.onnx_info`` is an :class:`OnnxInfo` (graph name, opset, input/output names, input shapes
-with None for dynamic dims).
+with None for dynamic dims). It survives ``copy.deepcopy(gm)``; a pass that builds a new
+GraphModule must copy it over.
 """
 
 from qfx_onnx.importer.context import OnnxInfo

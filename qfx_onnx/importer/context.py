@@ -137,6 +137,8 @@ class GraphBuilder:
         self.graph.lint()
         gm = fx.GraphModule(self.root, self.graph, class_name=identifier(info.graph_name or "onnx_graph", set()))
         gm.onnx_info = info
+        # GraphModule.__deepcopy__ restores attributes listed under this key of gm.meta
+        gm.meta["_user_preserved_attributes"] = {"onnx_info": info}
         return gm
 
     @staticmethod
