@@ -53,8 +53,8 @@ def convert_conv(ctx: NodeContext) -> None:
 @converter("ConvTranspose", since=1)
 def convert_conv_transpose(ctx: NodeContext) -> None:
     """Explicit pads from ``pads``, or derived as onnxruntime does from ``output_shape`` or
-    ``auto_pad`` SAME (output = input * stride; an odd total pads more at the end, except
-    SAME_UPPER which pads more at the start)."""
+    ``auto_pad`` SAME (output = input * stride): an odd total pads more at the start, except with
+    SAME_UPPER which pads more at the end (the ONNX rule)."""
     kernel = _kernel(ctx)
     rank = len(kernel)
     strides = ctx.attr("strides", [1] * rank)
@@ -71,7 +71,7 @@ def convert_conv_transpose(ctx: NodeContext) -> None:
         begins, ends = [], []
         for n, k, s, d, extra, target in zip(sizes, kernel, strides, dilations, output_padding, targets):
             total = (n - 1) * s + extra + (k - 1) * d + 1 - target
-            begin = total - total // 2 if auto_pad == "SAME_UPPER" else total // 2
+            begin = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
             begins.append(begin)
             ends.append(total - begin)
         pads = begins + ends
