@@ -1,1 +1,2 @@
 """Imports every command module so that each registers itself on the typer app."""
+from qfx_onnx_cli import quantize_cmd  # noqa: F401

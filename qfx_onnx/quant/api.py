@@ -1,0 +1,69 @@
+"""The library entry point for post-training quantization: :func:`quantize`.
+
+>>> import qfx_onnx
+>>> model = qfx_onnx.quantize("models/cnn.onnx", "models/digits.npz", weight_bits=6)
+>>> qfx_onnx.write_annotated(model, "cnn.qfx.onnx")
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import torch
+from torch import fx
+
+from qfx_onnx.data import check_matches_model, load_arrays
+from qfx_onnx.errors import DataError
+from qfx_onnx.importer import load_onnx
+from qfx_onnx.quant.fold_bn import fold_batchnorm
+from qfx_onnx.quant.policy import Policy, load_policy
+from qfx_onnx.quant.quantize import FixedPointModel, quantize_graph
+
+
+def calibration_split(spec: str | os.PathLike) -> str | None:
+    """The split to calibrate on: "train" when the .npz carries split indices, else everything."""
+    return "train" if _has_splits(spec) else None
+
+
+def evaluation_split(spec: str | os.PathLike) -> str | None:
+    return "test" if _has_splits(spec) else None
+
+
+def _has_splits(spec: str | os.PathLike) -> bool:
+    path = Path(spec)
+    if path.suffix != ".npz" or not path.is_file():
+        return False
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        return "train_idx" in z.files and "test_idx" in z.files
+
+
+def quantize(model: str | os.PathLike | onnx.ModelProto | fx.GraphModule,
+             data: str | os.PathLike | torch.Tensor, *, policy: Policy | None = None, config: str | os.PathLike | None = None,
+             method: str = "max", calib_samples: int = 512, fold_bn: bool = False, per_channel: bool = False,
+             **policy_flags) -> FixedPointModel:
+    """Post-training quantization of a float ONNX model: every tensor becomes an ``ap_fixed``.
+
+    ``data`` is a dataset spec (``.npz``/``.npy``/``module:function``; the train split when the
+    .npz has one) or a tensor of inputs; the first ``calib_samples`` samples calibrate the binary
+    points with ``method`` (``max``, ``percentile`` or ``mse``). The policy comes from ``policy``,
+    or from ``config`` (TOML/JSON) and keyword flags such as ``weight_bits=6``.
+    """
+    gm = model if isinstance(model, fx.GraphModule) else load_onnx(model)
+    if isinstance(data, torch.Tensor):
+        x = data
+    else:
+        x, _ = load_arrays(data, calibration_split(data))
+    if calib_samples < 1:
+        raise DataError(f"--calib-samples must be at least 1, got {calib_samples}")
+    info = getattr(gm, "onnx_info", None)
+    if info is not None and info.input_shapes:
+        check_matches_model(x, info.input_shapes[0], str(data) if not isinstance(data, torch.Tensor) else "data")
+    if fold_bn:
+        fold_batchnorm(gm)
+    policy = policy or load_policy(config, **policy_flags)
+    batches = torch.split(x[:calib_samples], 256)
+    return quantize_graph(gm, batches, policy, method, per_channel_weights=per_channel)

@@ -1,0 +1,155 @@
+"""The quantization report: per-tensor type, observed range, clipped/wrapped fraction and SQNR.
+
+Measured on evaluation data with forward hooks on the cast modules, so every number describes one
+cast in the fixed-point model as it runs: ``raw`` is what reaches the cast (already computed from
+quantized inputs), ``out`` what leaves it. SQNR is ``10*log10(sum(raw^2) / sum((raw-out)^2))``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from rich.table import Table
+
+from qfx_onnx.fixed.types import FixedType
+from qfx_onnx.quant.quantize import CAST_MODULE_PREFIX, FixedPointModel
+from qfx_onnx.quant.typeprop import propagate
+
+
+@dataclass
+class TensorStats:
+    tensor: str
+    role: str
+    type: str
+    min: float = math.inf
+    max: float = -math.inf
+    count: int = 0
+    out_of_range: int = 0
+    signal: float = 0.0
+    noise: float = 0.0
+
+    @property
+    def clipped_fraction(self) -> float:
+        return self.out_of_range / self.count if self.count else 0.0
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.noise == 0.0:
+            return math.inf
+        return 10 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
+
+
+@dataclass
+class LayerExactness:
+    tensor: str
+    op: str
+    type: str
+    terms: int
+    exact_float64: bool
+    exact_float32: bool
+
+
+@dataclass
+class QuantReport:
+    float_accuracy: float | None = None
+    fixed_accuracy: float | None = None
+    tensors: list[TensorStats] = field(default_factory=list)
+    layers: list[LayerExactness] = field(default_factory=list)
+    verify: dict | None = None
+
+    def to_json(self) -> str:
+        def clean(v):
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+
+        tensors = [{**{k: clean(v) for k, v in asdict(t).items() if k not in ("signal", "noise")},
+                    "clipped_fraction": t.clipped_fraction, "sqnr_db": clean(t.sqnr_db)} for t in self.tensors]
+        return json.dumps({
+            "float_accuracy": self.float_accuracy, "fixed_accuracy": self.fixed_accuracy,
+            "tensors": tensors, "layers": [asdict(layer) for layer in self.layers], "verify": self.verify,
+        }, indent=2)
+
+
+def _bounds(quant, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    types: list[FixedType] = quant.frozen_types()
+    if len(types) == 1:
+        return torch.tensor(types[0].min_value, dtype=raw.dtype), torch.tensor(types[0].max_value, dtype=raw.dtype)
+    axis = quant.per_channel_axis % raw.dim()
+    shape = [1] * raw.dim()
+    shape[axis] = len(types)
+    lo = torch.tensor([t.min_value for t in types], dtype=raw.dtype).reshape(shape)
+    hi = torch.tensor([t.max_value for t in types], dtype=raw.dtype).reshape(shape)
+    return lo, hi
+
+
+def measure_tensors(model: FixedPointModel, batches) -> list[TensorStats]:
+    """Run ``batches`` through the fixed-point model and collect TensorStats for every cast."""
+    gm = model.graph_module
+    stats: dict[str, TensorStats] = {}
+    handles = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not node.target.startswith(CAST_MODULE_PREFIX):
+            continue
+        quant = gm.get_submodule(node.target)
+        types = quant.frozen_types()
+        entry = TensorStats(node.meta["onnx_name"], node.meta.get("role", ""),
+                            str(types[0]) if len(types) == 1 else f"{types[0]} ... ({len(types)} channels)")
+        stats[entry.tensor] = entry
+
+        def hook(module, inputs, output, entry=entry):
+            raw = inputs[0].detach().to(torch.float64)
+            out = output.detach().to(torch.float64)
+            lo, hi = _bounds(module, raw)
+            entry.min = min(entry.min, raw.min().item())
+            entry.max = max(entry.max, raw.max().item())
+            entry.count += raw.numel()
+            entry.out_of_range += int(((raw < lo) | (raw > hi)).sum())
+            entry.signal += float((raw * raw).sum())
+            entry.noise += float(((raw - out) ** 2).sum())
+
+        handles.append(quant.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(stats.values())
+
+
+def layer_exactness(model: FixedPointModel, example: torch.Tensor) -> list[LayerExactness]:
+    """Lossless width of every linear/arithmetic result and whether float64/float32 hold it exactly."""
+    gm = model.graph_module
+    info = propagate(gm, (example.to(torch.float64),))
+    layers = []
+    for node, vi in info.items():
+        if node.op != "call_function" or vi.type is None:
+            continue
+        if not any(u.op == "call_module" and u.target.startswith(CAST_MODULE_PREFIX) for u in node.users):
+            continue  # only results that reach a cast: the raw value of a layer
+        layers.append(LayerExactness(node.meta.get("onnx_name", node.name).removesuffix(FixedPointModel.RAW_SUFFIX),
+                                     node.meta.get("onnx_op", ""), str(vi.type), vi.terms,
+                                     vi.exact_float64, vi.exact_float32))
+    return layers
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(dim=1) == labels).double().mean().item()
+
+
+def tensor_table(report: QuantReport, limit: int | None = None) -> Table:
+    table = Table(title="fixed-point tensors", show_lines=False)
+    for col in ("tensor", "role", "type", "observed range", "clipped", "SQNR dB"):
+        table.add_column(col, overflow="fold")
+    rows = report.tensors if limit is None else report.tensors[:limit]
+    for t in rows:
+        sqnr = "inf" if math.isinf(t.sqnr_db) else f"{t.sqnr_db:.1f}"
+        table.add_row(_short(t.tensor), t.role, t.type, f"[{t.min:.4g}, {t.max:.4g}]", f"{t.clipped_fraction:.2%}", sqnr)
+    return table
+
+
+def _short(name: str, width: int = 48) -> str:
+    return name if len(name) <= width else "…" + name[-(width - 1):]
