@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -68,8 +69,21 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int = 2) -> dict[
     return feeds
 
 
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread: on these tiny tensors a busy machine's thread pool costs 100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
 
 
@@ -79,7 +93,7 @@ def run_graph(gm: torch.fx.GraphModule, feeds: dict[str, np.ndarray], dtype: tor
     for name in gm.onnx_info.input_names:
         tensor = torch.from_numpy(feeds[name])
         args.append(tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
-    with torch.no_grad():
+    with torch.no_grad(), single_thread():
         out = gm(*args)
     outs = out if isinstance(out, tuple) else (out,)
     return [o.numpy() for o in outs]
