@@ -24,18 +24,19 @@ def value_info(name: str, shape: Sequence[int | str | None] | None, elem_type: i
 def make_model(
     nodes: Sequence[onnx.NodeProto],
     inputs: Sequence[onnx.ValueInfoProto],
-    outputs: Sequence[str],
+    outputs: Sequence[str | onnx.ValueInfoProto],
     *,
     opset: int = 13,
     initializers: dict[str, np.ndarray] | None = None,
     name: str = "test_graph",
 ) -> onnx.ModelProto:
-    """A checked model of ``nodes``; output types come from shape inference."""
+    """A checked model of ``nodes``; outputs given by name get their types from shape inference."""
     inits = [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in (initializers or {}).items()]
-    graph = helper.make_graph(list(nodes), name, list(inputs), [helper.make_empty_tensor_value_info(o) for o in outputs], inits)
+    graph_outputs = [helper.make_empty_tensor_value_info(o) if isinstance(o, str) else o for o in outputs]
+    graph = helper.make_graph(list(nodes), name, list(inputs), graph_outputs, inits)
     opsets = [helper.make_opsetid("", opset)]
     model = helper.make_model(graph, opset_imports=opsets, ir_version=max(7, helper.find_min_ir_version_for(opsets)))
-    model = onnx.shape_inference.infer_shapes(model)
+    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     onnx.checker.check_model(model)
     return model
 
