@@ -14,7 +14,8 @@ from qfx_onnx.importer.registry import converter
 from qfx_onnx.ir import ops
 
 _PAD_MODES = ("constant", "reflect", "edge", "wrap")
-_COORDINATE_MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_half_pixel_for_nearest")
+# tf_half_pixel_for_nearest (opset 11 only) is left out: onnxruntime does not run it either.
+_COORDINATE_MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric")
 _NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
 
 
@@ -91,7 +92,8 @@ def convert_resize_11(ctx: NodeContext) -> None:
     """Nearest mode with scales or sizes (optionally on ``axes``, opset 18). Attributes of other
     modes are read and must keep values that do not matter for nearest."""
     ctx.attr("mode", "nearest", allowed=("nearest",))
-    coordinate_mode = ctx.attr("coordinate_transformation_mode", "half_pixel", allowed=_COORDINATE_MODES)
+    modes = _COORDINATE_MODES + (("half_pixel_symmetric",) if ctx.opset >= 19 else ())
+    coordinate_mode = ctx.attr("coordinate_transformation_mode", "half_pixel", allowed=modes)
     nearest_mode = ctx.attr("nearest_mode", "round_prefer_floor", allowed=_NEAREST_MODES)
     for name, default in [("cubic_coeff_a", -0.75), ("exclude_outside", 0), ("extrapolation_value", 0.0), ("antialias", 0)]:
         ctx.attr(name, default)  # cubic, tf_crop_and_resize or linear only

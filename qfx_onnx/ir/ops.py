@@ -412,8 +412,10 @@ def nearest_indices(in_len: int, out_len: int, scale: float, coordinate_transfor
         pos = (i + half) / s - half
     elif coordinate_transformation_mode == "pytorch_half_pixel":
         pos = (i + half) / s - half if out_len > 1 else np.zeros_like(i)
-    elif coordinate_transformation_mode == "tf_half_pixel_for_nearest":
-        pos = (i + half) / s
+    elif coordinate_transformation_mode == "half_pixel_symmetric":
+        center = np.float32(in_len) / np.float32(2)
+        offset = center * (np.float32(1) - np.float32(out_len) / (s * np.float32(in_len)))
+        pos = offset + (i + half) / s - half
     elif coordinate_transformation_mode == "align_corners":
         pos = i * np.float32(in_len - 1) / np.float32(out_len - 1) if out_len > 1 else np.zeros_like(i)
     else:
