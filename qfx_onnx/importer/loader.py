@@ -102,6 +102,29 @@ def build_graph(prepared: PreparedModel) -> fx.GraphModule:
     return builder.finish(info.output_names, info)
 
 
+@dataclass(frozen=True)
+class NodeSummary:
+    """One ONNX node as ``qfx-onnx inspect`` lists it. ``status`` is "converted", "folded"
+    (computed at import) or "unsupported"; ``output_shape`` is None when unknown."""
+
+    name: str
+    op_type: str
+    output_shape: tuple[int | None, ...] | None
+    status: str
+
+
+def summarize_nodes(prepared: PreparedModel) -> list[NodeSummary]:
+    """Every node of a prepared model, in graph order, with its support status."""
+    unsupported = {name for u in prepared.unsupported for name in u.nodes}
+    rows = []
+    for index, node in enumerate(prepared.model.graph.node):
+        name = prepared.names[index]
+        status = "folded" if index in prepared.folded else "unsupported" if name in unsupported else "converted"
+        info = prepared.infos.get(node.output[0]) if node.output else None
+        rows.append(NodeSummary(name, node.op_type, info.shape if info else None, status))
+    return rows
+
+
 def _default_opset(model: onnx.ModelProto) -> int | None:
     versions = [o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS]
     return max(versions) if versions else None

@@ -1,0 +1,77 @@
+"""``qfx-onnx inspect``: what the importer makes of a model, and its float accuracy on data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+from rich.table import Table
+
+from qfx_onnx.errors import DataError
+from qfx_onnx_cli.main import app, console, run_command
+
+_STATUS_STYLE = {"converted": "green", "folded": "cyan", "unsupported": "bold red"}
+
+
+@app.command()
+def inspect(
+    model: Path = typer.Argument(..., help="Float ONNX model."),
+    data: Path | None = typer.Option(None, "--data", help="Labelled data (.npz with x and y, or module:function): report the float accuracy."),
+    split: str | None = typer.Option(None, "--split", help="Rows of --data to use: train or test (default: all)."),
+    batch_size: int = typer.Option(256, help="Samples per forward pass with --data."),
+) -> None:
+    """List the model's nodes with their support status; exit 2 if any op is unsupported."""
+    run_command(lambda: _inspect(model, data, split, batch_size))
+
+
+def _inspect(model: Path, data: Path | None, split: str | None, batch_size: int) -> None:
+    from qfx_onnx.importer.loader import build_graph, prepare, summarize_nodes
+    from qfx_onnx.importer.registry import unsupported_error
+
+    prepared = prepare(model, raise_unsupported=False)
+    rows = summarize_nodes(prepared)
+    table = Table(title=f"{prepared.label}: opset {prepared.opset}, {len(rows)} nodes")
+    for column in ("#", "node", "op", "output shape", "status"):
+        table.add_column(column, justify="right" if column == "#" else "left")
+    for index, row in enumerate(rows):
+        style = _STATUS_STYLE[row.status]
+        table.add_row(str(index), row.name, row.op_type, _shape_text(row.output_shape), f"[{style}]{row.status}[/]")
+    console.print(table)
+    if prepared.unsupported:
+        raise unsupported_error(prepared.unsupported, prepared.opset, prepared.label)
+    gm = build_graph(prepared)
+    info = gm.onnx_info
+    for name, shape in zip(info.input_names, info.input_shapes):
+        console.print(f"input  {name}: {_shape_text(shape)}")
+    console.print(f"output {', '.join(info.output_names)}")
+    if data is not None:
+        correct, total = _accuracy(gm, data, split, batch_size)
+        console.print(f"float accuracy: {100.0 * correct / total:.2f}% ({correct}/{total} samples of {data.name})")
+
+
+def _shape_text(shape) -> str:
+    if shape is None:
+        return "?"
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+def _accuracy(gm: torch.fx.GraphModule, data: Path, split: str | None, batch_size: int) -> tuple[int, int]:
+    """Correct predictions (argmax of the first output against the labels) and the sample count."""
+    from qfx_onnx.data import check_matches_model, load_arrays
+
+    if batch_size < 1:
+        raise DataError(f"--batch-size {batch_size}: must be at least 1")
+    x, y = load_arrays(data, split)
+    if y is None:
+        raise DataError(f"{data}: has no labels (y), so no accuracy can be measured")
+    if len(gm.onnx_info.input_names) != 1:
+        raise DataError(f"{data}: the model has {len(gm.onnx_info.input_names)} inputs; accuracy needs exactly one")
+    check_matches_model(x, gm.onnx_info.input_shapes[0], str(data))
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            out = gm(x[start:start + batch_size])
+            first = out[0] if isinstance(out, tuple) else out
+            correct += int((first.argmax(dim=1) == y[start:start + batch_size]).sum())
+    return correct, len(x)
