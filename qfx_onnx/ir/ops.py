@@ -510,59 +510,29 @@ def shape_of(x, *, start=0, end=None):
     return torch.tensor(x.shape[start:end], dtype=torch.int64)
 
 
-@ir_op("shape", "Gather")
-def shape_gather(data, indices, *, axis=0):
-    return gather(data, indices, axis=axis)
+def _shape_twin(fn: Callable) -> Callable:
+    """Register the "shape"-kind twin of IR op ``fn``: the same function, on int64 shape tensors."""
+
+    def twin(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    twin.__name__ = twin.__qualname__ = f"shape_{fn.__name__}"
+    twin.__doc__ = f"``{fn.__name__}`` on integer shape tensors (kind 'shape')."
+    return ir_op("shape", op_of(fn).onnx_op)(twin)
 
 
-@ir_op("shape", "Unsqueeze")
-def shape_unsqueeze(x, *, axes):
-    return unsqueeze(x, axes=axes)
-
-
-@ir_op("shape", "Squeeze")
-def shape_squeeze(x, *, axes=None):
-    return squeeze(x, axes=axes)
-
-
-@ir_op("shape", "Concat")
-def shape_concat(inputs, *, axis):
-    return concat(inputs, axis=axis)
-
-
-@ir_op("shape", "Slice")
-def shape_slice(x, *, starts, ends, axes, steps):
-    return slice_axes(x, starts=starts, ends=ends, axes=axes, steps=steps)
-
-
-@ir_op("shape", "Reshape")
-def shape_reshape(x, shape, *, allowzero=0):
-    return reshape(x, shape, allowzero=allowzero)
-
-
-@ir_op("shape", "Cast")
-def shape_cast(x, *, to):
-    return cast(x, to=to)
-
-
-@ir_op("shape", "Identity")
-def shape_identity(x):
-    return x
-
-
-@ir_op("shape", "Add")
-def shape_add(a, b):
-    return a + b
-
-
-@ir_op("shape", "Sub")
-def shape_sub(a, b):
-    return a - b
-
-
-@ir_op("shape", "Mul")
-def shape_mul(a, b):
-    return a * b
+# Module-level names, so that fx code and pickles can refer to each twin.
+shape_gather = _shape_twin(gather)
+shape_unsqueeze = _shape_twin(unsqueeze)
+shape_squeeze = _shape_twin(squeeze)
+shape_concat = _shape_twin(concat)
+shape_slice_axes = _shape_twin(slice_axes)
+shape_reshape = _shape_twin(reshape)
+shape_cast = _shape_twin(cast)
+shape_identity = _shape_twin(identity)
+shape_add = _shape_twin(add)
+shape_sub = _shape_twin(sub)
+shape_mul = _shape_twin(mul)
 
 
 @ir_op("shape", "Div")
@@ -576,7 +546,7 @@ SHAPE_TWINS: dict[Callable, Callable] = {
     unsqueeze: shape_unsqueeze,
     squeeze: shape_squeeze,
     concat: shape_concat,
-    slice_axes: shape_slice,
+    slice_axes: shape_slice_axes,
     reshape: shape_reshape,
     cast: shape_cast,
     identity: shape_identity,
