@@ -7,14 +7,16 @@ Contract (every pass relies on it):
   batch size.
 * Numbers that multiply or offset data (BatchNorm scale/shift, LeakyReLU alpha, average-pool
   reciprocals, Clip bounds, Gemm alpha/beta) are never Python scalars inside an op: the importer
-  makes them ``get_attr`` constants so the quantizer can give them a fixed-point type.
+  makes them ``get_attr`` constants so the quantizer can give them a fixed-point type. (Only
+  ``"nonlinear"`` ops, evaluated by table, keep scalar parameters, e.g. LRN's alpha; clamps to
+  0 and 1 in hard_sigmoid are bounds, not factors.)
 * ``kind`` tells later passes how the op treats fixed-point values:
     - ``"linear"``: a sum of products (conv, gemm, matmul). Exact in float64 while the lossless
       accumulator fits 53 bits; the result is rounded once, by the cast after it.
     - ``"arith"``: +, -, *, neg, max, min, relu, clip, where: exact in float64 on exact inputs.
     - ``"move"``: data movement (reshape, transpose, concat, slice, pad with zeros, resize-nearest,
       gather): value preserving, the output may inherit the input's type.
-    - ``"shape"``: int64 shape arithmetic (Shape, ConstantOfShape ...); never quantized.
+    - ``"shape"``: int64 shape arithmetic (Shape and the twins below); never quantized.
     - ``"nonlinear"``: functions that float64 cannot evaluate exactly in hardware terms (sigmoid,
       tanh, softmax ...); the fixed-point graph evaluates them through a lookup table.
 * ``onnx_op`` is the ONNX op type the annotated-ONNX writer emits by default, copying the op's
@@ -22,7 +24,9 @@ Contract (every pass relies on it):
   Keyword attributes are normalized at import: explicit ``pads`` (auto_pad resolved), non-negative
   axes where the rank is known, and values that ONNX passes as constant inputs in newer opsets
   (``axes``, ``starts``, ``scales`` ...) become keyword lists too. ``sum_pool`` has no ONNX op of
-  its own (``onnx_op`` None).
+  its own (``onnx_op`` None): a writer emits it, e.g., as AveragePool times the window size.
+  Multi-input ops whose ONNX form takes these as inputs (ReduceSum-13, Resize ...) likewise need
+  the writer to turn keywords back into inputs.
 * Positional arguments are tensors (fx nodes in the graph), None for an absent optional input,
   or for ``reshape`` a tuple of ints; ``concat`` takes a list and ``nary_sum`` varargs.
 * ``split`` is the one multi-output op: it returns a tuple, read by ``operator.getitem`` nodes.
@@ -268,10 +272,8 @@ def global_max_pool(x):
 
 @ir_op("arith", None)
 def sum_pool(x, *, kernel_shape, strides, pads, dilations, ceil_mode=0):
-    """Window sums with zero padding: AveragePool before its reciprocal. Exact in float64.
-
-    Emitted as AveragePool times the window size by the annotated-ONNX writer (no ONNX op of its own).
-    """
+    """Window sums with zero padding (AveragePool before its reciprocal); exact in float64.
+    Same keywords and window geometry as ``max_pool``."""
     rank = _spatial_rank(x, "sum_pool")
     begins, ends = pool_padding(x.shape[2:], kernel_shape, strides, pads, dilations, ceil_mode)
     x = F.pad(x, _torch_pads(begins, ends))
