@@ -59,6 +59,7 @@ class Override:
     where: str = ""  # where it was written, for messages
 
     def matches(self, node: str, op: str, tensor: str, role: str) -> bool:
+        node, op, tensor = node or "", op or "", tensor or ""
         return ((self.node is None or fnmatch.fnmatchcase(node, self.node))
                 and (self.op is None or self.op == op)
                 and (self.tensor is None or fnmatch.fnmatchcase(tensor, self.tensor))

@@ -89,6 +89,10 @@ def find_cast_sites(gm: fx.GraphModule) -> list[CastSite]:
         elif node.op == "get_attr":
             role = node.meta.get("role", "constant")
             if role in ("weight", "bias", "constant") and node.users:
+                # a parameter belongs to the node that consumes it: "the Gemm's weight"
+                user = next(iter(node.users))
+                onnx_node = user.meta.get("onnx_node") or onnx_node
+                onnx_op = user.meta.get("onnx_op") or onnx_op
                 axis = _weight_channel_axis(node) if role == "weight" else None
                 sites.append(CastSite(node, name, onnx_node, onnx_op, role, axis))
         elif node.op == "call_function":
