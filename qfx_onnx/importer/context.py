@@ -72,6 +72,7 @@ def identifier(text: str, taken: set[str]) -> str:
 
 
 def is_float(dtype: np.dtype | None) -> bool:
+    """Whether ``dtype`` is a floating-point dtype (False when unknown)."""
     return dtype is not None and np.issubdtype(dtype, np.floating)
 
 
@@ -93,6 +94,7 @@ class GraphBuilder:
         self._attr_names: set[str] = set()
 
     def add_input(self, name: str) -> fx.Node:
+        """A placeholder for graph input ``name`` (role input)."""
         node = self.graph.placeholder(identifier(name, self._attr_names))
         self._set_meta(node, onnx_name=name, producer=None, dtype=self.infos[name].dtype, role="input")
         self.values[name] = node
@@ -125,6 +127,7 @@ class GraphBuilder:
         return node
 
     def call(self, fn: Callable, args: tuple, kwargs: dict, *, name: str, meta: dict[str, Any]) -> fx.Node:
+        """A call_function node of ``fn`` named after ``name`` (made unique), with its metadata."""
         node = self.graph.create_node("call_function", fn, args, kwargs, name=name)
         self._set_meta(node, **meta)
         return node
@@ -199,19 +202,19 @@ class NodeContext:
             raise self.error(f"attribute {name}={value!r} is not supported (supported: {choices})")
         return value
 
-    def has_attr(self, name: str) -> bool:
-        return name in self._attrs
-
     # ---------------------------------------------------------------------------------------------
     # inputs
 
     def input_name(self, i: int) -> str:
+        """The ONNX name of input ``i``; empty when absent."""
         return self.node.input[i] if i < len(self.node.input) else ""
 
     def has_input(self, i: int) -> bool:
+        """Whether input ``i`` is present (not omitted or empty)."""
         return bool(self.input_name(i))
 
     def is_const(self, i: int) -> bool:
+        """Whether input ``i`` is known at import (initializer, Constant or folded)."""
         return self.input_name(i) in self.builder.constants
 
     def input(self, i: int, role: str | None = None) -> fx.Node | None:
@@ -231,9 +234,11 @@ class NodeContext:
         return self.builder.constants[self.input_name(i)]
 
     def info(self, i: int) -> TensorInfo:
+        """What shape inference knows of input ``i``."""
         return self.builder.infos.get(self.input_name(i), TensorInfo(None, None))
 
     def rank(self, i: int = 0) -> int:
+        """The rank of input ``i``; an error when shape inference could not tell."""
         shape = self.info(i).shape
         if shape is None:
             raise self.error(f"the rank of input {self.input_name(i)!r} is unknown (shape inference failed)")
@@ -262,6 +267,7 @@ class NodeContext:
     # emitting fx nodes
 
     def output_name(self, i: int = 0) -> str:
+        """The ONNX name of output ``i``; empty when absent."""
         return self.node.output[i] if i < len(self.node.output) else ""
 
     def emit(self, fn: Callable, *args: Any, out: int = 0, **kwargs: Any) -> fx.Node:

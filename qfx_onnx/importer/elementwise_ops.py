@@ -54,16 +54,19 @@ def convert_div(ctx: NodeContext) -> None:
 
 @converter("Sum", since=6)
 def convert_sum(ctx: NodeContext) -> None:
+    """Sum of any number of broadcast inputs."""
     ctx.emit(ops.nary_sum, *(ctx.input(i) for i in range(len(ctx.node.input))))
 
 
 @converter("LeakyRelu", since=6)
 def convert_leaky_relu(ctx: NodeContext) -> None:
+    """LeakyRelu with ``alpha`` as the constant ``{node}::alpha``."""
     ctx.emit(ops.leaky_relu, ctx.input(0), ctx.synth("alpha", ctx.attr("alpha", 0.01)))
 
 
 @converter("PRelu", since=7)
 def convert_prelu(ctx: NodeContext) -> None:
+    """PRelu; the slope is a weight."""
     ctx.emit(ops.prelu, ctx.input(0), ctx.input(1, role="weight"))
 
 
@@ -87,12 +90,14 @@ def convert_clip_11(ctx: NodeContext) -> None:
 
 @converter("HardSigmoid", since=6)
 def convert_hard_sigmoid(ctx: NodeContext) -> None:
+    """HardSigmoid with ``alpha`` and ``beta`` as constants ``{node}::alpha``, ``{node}::beta``."""
     alpha, beta = ctx.attr("alpha", 0.2), ctx.attr("beta", 0.5)
     ctx.emit(ops.hard_sigmoid, ctx.input(0), ctx.synth("alpha", alpha), ctx.synth("beta", beta))
 
 
 @converter("HardSwish", since=14)
 def convert_hard_swish(ctx: NodeContext) -> None:
+    """HardSwish: ONNX's fixed alpha = 1/6 and beta = 0.5 as constants."""
     ctx.emit(ops.hard_swish, ctx.input(0), ctx.synth("alpha", 1.0 / 6.0), ctx.synth("beta", 0.5))
 
 

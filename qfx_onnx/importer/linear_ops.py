@@ -45,6 +45,7 @@ def _kernel(ctx: NodeContext) -> list[int]:
 
 @converter("Conv", since=1)
 def convert_conv(ctx: NodeContext) -> None:
+    """Conv of 1 to 3 spatial dims, any group count; ``auto_pad`` becomes explicit pads."""
     window = read_window(ctx, _kernel(ctx))
     x, w, b = ctx.input(0), ctx.input(1, role="weight"), ctx.input(2, role="bias")
     ctx.emit(ops.conv, x, w, b, group=ctx.attr("group", 1), **window)
@@ -111,4 +112,5 @@ def convert_gemm(ctx: NodeContext) -> None:
 
 @converter("MatMul", since=1)
 def convert_matmul(ctx: NodeContext) -> None:
+    """MatMul; a constant operand is a weight."""
     ctx.emit(ops.matmul, ctx.input(0, role="weight"), ctx.input(1, role="weight"))

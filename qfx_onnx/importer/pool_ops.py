@@ -21,6 +21,7 @@ from qfx_onnx.ir import ops
 
 @converter("MaxPool", since=1)
 def convert_max_pool(ctx: NodeContext) -> None:
+    """MaxPool (single output, storage_order 0) with explicit pads."""
     kernel = list(ctx.attr("kernel_shape"))
     window = read_window(ctx, kernel)
     ceil_mode = ctx.attr("ceil_mode", 0, allowed=(0, 1))
@@ -32,6 +33,7 @@ def convert_max_pool(ctx: NodeContext) -> None:
 
 @converter("GlobalMaxPool", since=1)
 def convert_global_max_pool(ctx: NodeContext) -> None:
+    """GlobalMaxPool."""
     ctx.emit(ops.global_max_pool, ctx.input(0))
 
 
@@ -62,6 +64,7 @@ def _average_reciprocal(ctx: NodeContext, kernel: list[int], window: dict, ceil_
 
 @converter("AveragePool", since=7)
 def convert_average_pool(ctx: NodeContext) -> None:
+    """AveragePool as ``sum_pool`` (internal) times ``{node}::recip``."""
     kernel = list(ctx.attr("kernel_shape"))
     window = read_window(ctx, kernel)
     ceil_mode = ctx.attr("ceil_mode", 0, allowed=(0, 1))
@@ -81,6 +84,7 @@ def _mean(ctx: NodeContext, axes: list[int], keepdims: int) -> None:
 
 @converter("GlobalAveragePool", since=1)
 def convert_global_average_pool(ctx: NodeContext) -> None:
+    """GlobalAveragePool as ``reduce_sum`` (internal) times 1/(spatial size)."""
     _mean(ctx, list(range(2, ctx.rank(0))), keepdims=1)
 
 
@@ -107,26 +111,31 @@ def _axes_input(ctx: NodeContext) -> list[int] | None:
 
 @converter("ReduceSum", since=1)
 def convert_reduce_sum_1(ctx: NodeContext) -> None:
+    """ReduceSum, ``axes`` an attribute (opsets 1-12)."""
     _reduce(ctx, ctx.attr("axes", None), mean=False)
 
 
 @converter("ReduceSum", since=13)
 def convert_reduce_sum_13(ctx: NodeContext) -> None:
+    """ReduceSum, ``axes`` an optional constant input (opset 13 on)."""
     _reduce(ctx, _axes_input(ctx), mean=False)
 
 
 @converter("ReduceMean", since=1)
 def convert_reduce_mean_1(ctx: NodeContext) -> None:
+    """ReduceMean, ``axes`` an attribute (opsets 1-17)."""
     _reduce(ctx, ctx.attr("axes", None), mean=True)
 
 
 @converter("ReduceMean", since=18)
 def convert_reduce_mean_18(ctx: NodeContext) -> None:
+    """ReduceMean, ``axes`` an optional constant input (opset 18 on)."""
     _reduce(ctx, _axes_input(ctx), mean=True)
 
 
 @converter("LRN", since=1)
 def convert_lrn(ctx: NodeContext) -> None:
+    """LRN across channels (nonlinear)."""
     ctx.emit(
         ops.lrn, ctx.input(0),
         size=ctx.attr("size"), alpha=ctx.attr("alpha", 1e-4), beta=ctx.attr("beta", 0.75), bias=ctx.attr("bias", 1.0),

@@ -68,6 +68,7 @@ class Unsupported:
     nodes: tuple[str, ...]
 
     def describe(self) -> str:
+        """``Op (nodes a, b)`` for the error message."""
         op = self.op_type if self.domain in DEFAULT_DOMAINS else f"{self.domain}:{self.op_type}"
         shown = ", ".join(self.nodes[:5]) + (f" and {len(self.nodes) - 5} more" if len(self.nodes) > 5 else "")
         return f"{op} (node{'s' if len(self.nodes) > 1 else ''} {shown})"

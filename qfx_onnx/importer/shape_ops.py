@@ -24,6 +24,7 @@ def _ints(values) -> list[int] | None:
 
 @converter("Flatten", since=1)
 def convert_flatten(ctx: NodeContext) -> None:
+    """Flatten at ``axis`` (negative from opset 11), made non-negative."""
     rank = ctx.rank(0)
     axis = ctx.attr("axis", 1)
     if not -rank <= axis <= rank:
@@ -41,6 +42,7 @@ def convert_reshape(ctx: NodeContext) -> None:
 
 @converter("Transpose", since=1)
 def convert_transpose(ctx: NodeContext) -> None:
+    """Transpose; no ``perm`` reverses the axes."""
     rank = ctx.rank(0)
     perm = ctx.attr("perm", list(reversed(range(rank))))
     if sorted(perm) != list(range(rank)):
@@ -55,11 +57,13 @@ def _squeeze(ctx: NodeContext, axes: Sequence[int] | None) -> None:
 
 @converter("Squeeze", since=1)
 def convert_squeeze_1(ctx: NodeContext) -> None:
+    """Squeeze, ``axes`` an attribute (opsets 1-12); none squeezes every size-1 dim."""
     _squeeze(ctx, ctx.attr("axes", None))
 
 
 @converter("Squeeze", since=13)
 def convert_squeeze_13(ctx: NodeContext) -> None:
+    """Squeeze, ``axes`` an optional constant input (opset 13 on)."""
     _squeeze(ctx, _ints(ctx.const(1, "axes")))
 
 
@@ -69,11 +73,13 @@ def _unsqueeze(ctx: NodeContext, axes: Sequence[int]) -> None:
 
 @converter("Unsqueeze", since=1)
 def convert_unsqueeze_1(ctx: NodeContext) -> None:
+    """Unsqueeze, ``axes`` an attribute (opsets 1-12)."""
     _unsqueeze(ctx, ctx.attr("axes"))
 
 
 @converter("Unsqueeze", since=13)
 def convert_unsqueeze_13(ctx: NodeContext) -> None:
+    """Unsqueeze, ``axes`` a constant input (opset 13 on)."""
     axes = _ints(ctx.const(1, "axes"))
     if axes is None:
         raise ctx.error("the axes input is missing")
@@ -82,6 +88,7 @@ def convert_unsqueeze_13(ctx: NodeContext) -> None:
 
 @converter("Concat", since=4)
 def convert_concat(ctx: NodeContext) -> None:
+    """Concat of every input (constants become get_attr nodes)."""
     axis = ctx.axes([ctx.attr("axis")], ctx.rank(0))[0]
     ctx.emit(ops.concat, [ctx.input(i) for i in range(len(ctx.node.input))], axis=axis)
 
@@ -101,16 +108,19 @@ def _split(ctx: NodeContext, sizes: list[int] | None, num_outputs: int | None) -
 
 @converter("Split", since=2)
 def convert_split_2(ctx: NodeContext) -> None:
+    """Split, sizes from the optional ``split`` attribute, else equal parts."""
     _split(ctx, _ints(ctx.attr("split", None)), None)
 
 
 @converter("Split", since=13)
 def convert_split_13(ctx: NodeContext) -> None:
+    """Split, sizes from the optional constant ``split`` input, else equal parts."""
     _split(ctx, _ints(ctx.const(1, "split")), None)
 
 
 @converter("Split", since=18)
 def convert_split_18(ctx: NodeContext) -> None:
+    """Split by the ``split`` input or into ``num_outputs`` parts (the last may be smaller)."""
     sizes, num_outputs = _ints(ctx.const(1, "split")), ctx.attr("num_outputs", None)
     if (sizes is None) == (num_outputs is None):
         raise ctx.error("exactly one of the split input and the num_outputs attribute must be given")
@@ -130,16 +140,19 @@ def _slice(ctx: NodeContext, starts, ends, axes, steps) -> None:
 
 @converter("Slice", since=1)
 def convert_slice_1(ctx: NodeContext) -> None:
+    """Slice with ``starts``/``ends``/``axes`` attributes (opsets 1-9)."""
     _slice(ctx, ctx.attr("starts"), ctx.attr("ends"), ctx.attr("axes", None), None)
 
 
 @converter("Slice", since=10)
 def convert_slice_10(ctx: NodeContext) -> None:
+    """Slice with constant ``starts``/``ends``/``axes``/``steps`` inputs (opset 10 on)."""
     _slice(ctx, *(ctx.const(i, what) for i, what in enumerate(["starts", "ends", "axes", "steps"], 1)))
 
 
 @converter("Gather", since=1)
 def convert_gather(ctx: NodeContext) -> None:
+    """Gather along ``axis``; a constant table is a weight, constant indices an int buffer."""
     axis = ctx.axes([ctx.attr("axis", 0)], ctx.rank(0))[0]
     ctx.emit(ops.gather, ctx.input(0, role="weight"), ctx.input(1), axis=axis)
 

@@ -43,11 +43,13 @@ def _pad(ctx: NodeContext, pads: Sequence[int], value: float | None, axes: Seque
 
 @converter("Pad", since=2)
 def convert_pad_2(ctx: NodeContext) -> None:
+    """Pad with ``pads``/``value`` attributes (opsets 2-10)."""
     _pad(ctx, ctx.attr("pads"), ctx.attr("value", 0.0), None)
 
 
 @converter("Pad", since=11)
 def convert_pad_11(ctx: NodeContext) -> None:
+    """Pad with constant ``pads``/``constant_value``/``axes`` inputs (opset 11 on; axes from 18)."""
     value = ctx.const(2, "constant_value")
     axes = ctx.const(3, "axes")
     _pad(ctx, ctx.const(1, "pads").tolist(), None if value is None else value.item(), None if axes is None else axes.tolist())
@@ -74,16 +76,19 @@ def _legacy_nearest(ctx: NodeContext, scales: Sequence[float]) -> None:
 
 @converter("Upsample", since=7)
 def convert_upsample_7(ctx: NodeContext) -> None:
+    """Upsample with a ``scales`` attribute."""
     _legacy_nearest(ctx, ctx.attr("scales"))
 
 
 @converter("Upsample", since=9)
 def convert_upsample_9(ctx: NodeContext) -> None:
+    """Upsample with a constant ``scales`` input."""
     _legacy_nearest(ctx, ctx.const(1, "scales").tolist())
 
 
 @converter("Resize", since=10)
 def convert_resize_10(ctx: NodeContext) -> None:
+    """Resize-10: a constant ``scales`` input, Upsample semantics."""
     _legacy_nearest(ctx, ctx.const(1, "scales").tolist())
 
 

@@ -193,16 +193,19 @@ def matmul(a, b):
 
 @ir_op("arith", "Add")
 def add(a, b):
+    """Broadcast ``a + b``."""
     return a + b
 
 
 @ir_op("arith", "Sub")
 def sub(a, b):
+    """Broadcast ``a - b``."""
     return a - b
 
 
 @ir_op("arith", "Mul")
 def mul(a, b):
+    """Broadcast ``a * b``."""
     return a * b
 
 
@@ -214,11 +217,13 @@ def nary_sum(*inputs):
 
 @ir_op("arith", "Neg")
 def neg(x):
+    """``-x``."""
     return -x
 
 
 @ir_op("arith", "Relu")
 def relu(x):
+    """``max(x, 0)``."""
     return torch.relu(x)
 
 
@@ -267,6 +272,7 @@ def max_pool(x, *, kernel_shape, strides, pads, dilations, ceil_mode=0):
 
 @ir_op("arith", "GlobalMaxPool")
 def global_max_pool(x):
+    """The max over every spatial dim, kept as size-1 dims."""
     return torch.amax(x, dim=tuple(range(2, x.dim())), keepdim=True)
 
 
@@ -294,6 +300,7 @@ def reduce_sum(x, *, axes, keepdims=1):
 
 @ir_op("move", "Identity")
 def identity(x):
+    """``x`` itself (ONNX Identity, inference Dropout)."""
     return x
 
 
@@ -314,6 +321,7 @@ def flatten(x, *, axis=1):
 
 @ir_op("move", "Transpose")
 def transpose(x, *, perm):
+    """ONNX Transpose by the full permutation ``perm``."""
     return x.permute(tuple(perm))
 
 
@@ -466,11 +474,13 @@ def resize(x, *, mode="nearest", scales=None, sizes=None, coordinate_transformat
 
 @ir_op("nonlinear", "Sigmoid")
 def sigmoid(x):
+    """Logistic sigmoid."""
     return torch.sigmoid(x)
 
 
 @ir_op("nonlinear", "Tanh")
 def tanh(x):
+    """Hyperbolic tangent."""
     return torch.tanh(x)
 
 
@@ -482,6 +492,7 @@ def softmax(x, *, axis=-1):
 
 @ir_op("nonlinear", "LogSoftmax")
 def log_softmax(x, *, axis=-1):
+    """Log of softmax along one axis (opset-13 semantics)."""
     return torch.log_softmax(x, dim=axis)
 
 
