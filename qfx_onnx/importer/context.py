@@ -76,6 +76,15 @@ def is_float(dtype: np.dtype | None) -> bool:
     return dtype is not None and np.issubdtype(dtype, np.floating)
 
 
+def _is_integer(dtype: np.dtype | None) -> bool:
+    return dtype is not None and not is_float(dtype)
+
+
+def _for_dtype(fn: Callable, dtype: np.dtype | None) -> Callable:
+    """``fn``, or its "shape"-kind twin when the value it makes is known to be an integer tensor."""
+    return SHAPE_TWINS.get(fn, fn) if _is_integer(dtype) else fn
+
+
 class GraphBuilder:
     """Builds the fx graph: placeholders, one ``get_attr`` per used constant, op calls, output.
 
@@ -273,12 +282,13 @@ class NodeContext:
     def emit(self, fn: Callable, *args: Any, out: int = 0, **kwargs: Any) -> fx.Node:
         """Call ``fn`` and bind the result to ONNX output ``out`` (meta onnx_name = its name).
 
-        An IR op whose output is an integer tensor is replaced by its "shape"-kind twin.
+        An IR op whose output is an integer tensor is replaced by its "shape"-kind twin, and the
+        node's role is "shape"; otherwise the role is "activation".
         """
         name = self.output_name(out)
         dtype = self._dtype_of(name, args)
-        fn = fn if is_float(dtype) else SHAPE_TWINS.get(fn, fn)
-        role = "activation" if is_float(dtype) else "shape"
+        fn = _for_dtype(fn, dtype)
+        role = "shape" if _is_integer(dtype) else "activation"
         meta = dict(onnx_name=name, producer=self.producer, dtype=dtype, role=role)
         node = self.builder.call(fn, args, kwargs, name=name, meta=meta)
         self.builder.values[name] = node
@@ -289,7 +299,7 @@ class NodeContext:
         """Call ``fn`` as a step inside this node's decomposition: no onnx_name, role "internal"
         ("shape" for a shape-kind op)."""
         dtype = self._dtype_of(self.output_name(0), args)
-        fn = fn if is_float(dtype) else SHAPE_TWINS.get(fn, fn)
+        fn = _for_dtype(fn, dtype)
         op = op_of(fn)
         role = "internal"
         if op is not None and op.kind == "shape":
