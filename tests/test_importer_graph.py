@@ -4,6 +4,7 @@ import copy
 import operator
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from onnx import helper
@@ -138,3 +139,16 @@ def test_awkward_constant_names_become_unique_identifiers():
 def test_converter_resolution(op, opset, expected):
     found = registry.find_converter(op, opset)
     assert (found.__name__ if found else None) == expected
+
+
+def test_weights_from_constant_nodes_and_folded_casts():
+    w = (RNG.standard_normal((2, 1, 3, 3)) / 3).astype(np.float64)
+    nodes = [
+        helper.make_node("Constant", [], ["w64"], name="wconst", value=onnx.numpy_helper.from_array(w, "w")),
+        helper.make_node("Cast", ["w64"], ["w"], name="wcast", to=onnx.TensorProto.FLOAT),
+        helper.make_node("Conv", ["x", "w"], ["y"], name="conv"),
+    ]
+    gm = assert_matches_ort(make_model(nodes, [value_info("x", [1, 1, 5, 5])], ["y"]))
+    (weight,) = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    assert weight.meta["onnx_name"] == "w" and weight.meta["role"] == "weight"
+    assert (weight.meta["onnx_node"], weight.meta["onnx_op"], weight.meta["onnx_dtype"]) == ("wcast", "Cast", "float32")
