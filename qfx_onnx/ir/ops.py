@@ -37,6 +37,7 @@ Contract (every pass relies on it):
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -531,6 +532,7 @@ def _shape_twin(fn: Callable) -> Callable:
 
     twin.__name__ = twin.__qualname__ = f"shape_{fn.__name__}"
     twin.__doc__ = f"``{fn.__name__}`` on integer shape tensors (kind 'shape')."
+    twin.__signature__ = inspect.signature(fn)  # same arguments and keywords as fn
     return ir_op("shape", op_of(fn).onnx_op)(twin)
 
 
