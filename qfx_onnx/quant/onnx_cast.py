@@ -8,9 +8,15 @@ saturation bits, signed ``AP_WRAP_SM``) are written as the equivalent arithmetic
 Every intermediate is an integer below 2**25 or a power-of-two scaling, so float32 evaluation is
 exact for types of at most 24 bits with ``2**±F`` a normal float32; :func:`check_onnx_castable`
 refuses anything else.
+
+Per-channel types (one binary point per channel, the same width, sign and modes) share one
+function, :func:`cast_function_per_channel`, whose scales ``2**F`` and ``2**-F`` are inputs that
+broadcast along the channel axis (:func:`channel_scales`); nothing else in the body depends on F.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -135,19 +141,63 @@ def _overflow(b: _Body, qv: str, fl: str, t: FixedType) -> str:
     return b.where(out_of_range, adjusted, wrapped)
 
 
+def _cast_body(t: FixedType, scale: str | None, inv_scale: str | None) -> list[onnx.NodeProto]:
+    """Nodes computing ``y = T(x)``; the scales ``2**F`` and ``2**-F`` are the named values, or
+    constants from ``t`` when None. Nothing else in the body depends on the binary point."""
+    b = _Body()
+    y = b.op("Mul", "x", scale or b.const(2.0**t.frac))
+    qv, fl = _round(b, y, t.q)
+    code = _overflow(b, qv, fl, t)
+    scaled = b.op("Mul", code, inv_scale or b.const(2.0**-t.frac))
+    b.nodes.append(helper.make_node("Add", [scaled, b.const(0.0)], ["y"]))  # -0.0 becomes +0.0
+    return b.nodes
+
+
 def cast_function(t: FixedType) -> onnx.FunctionProto:
     """The local function ``DOMAIN::function_name(t)``: float32 ``x`` -> float32 ``T(x)``."""
     check_onnx_castable(t, str(t))
-    b = _Body()
-    y = b.op("Mul", "x", b.const(2.0**t.frac))
-    qv, fl = _round(b, y, t.q)
-    code = _overflow(b, qv, fl, t)
-    scaled = b.op("Mul", code, b.const(2.0**-t.frac))
-    b.nodes.append(helper.make_node("Add", [scaled, b.const(0.0)], ["y"]))  # -0.0 becomes +0.0
     return helper.make_function(
-        DOMAIN, function_name(t), ["x"], ["y"], b.nodes,
+        DOMAIN, function_name(t), ["x"], ["y"], _cast_body(t, None, None),
         opset_imports=[helper.make_opsetid("", OPSET)], doc_string=f"{t}: exact in float32",
     )
+
+
+def channel_function_name(t: FixedType) -> str:
+    """The per-channel cast's name: ``t``'s name without the integer bits (they vary by channel)."""
+    head = f"{'fx' if t.signed else 'ufx'}{t.width}_{t.integer}".replace("-", "m")
+    return f"{PREFIX}ch_{'fx' if t.signed else 'ufx'}{t.width}{t.c_name()[len(head):]}"
+
+
+def check_channel_types(types: Sequence[FixedType], where: str) -> None:
+    """Raise ExportError unless ``types`` share width, sign and modes and float32 runs each exactly."""
+    first = types[0]
+    for t in types:
+        if (t.width, t.signed, t.q, t.o, t.n, t.is_int) != (first.width, first.signed, first.q, first.o, first.n, first.is_int):
+            raise ExportError(f"{where}: per-channel types must share width, sign and modes ({first} vs {t})")
+        check_onnx_castable(t, where)
+
+
+def cast_function_per_channel(t: FixedType) -> onnx.FunctionProto:
+    """The local function ``DOMAIN::channel_function_name(t)``: ``(x, scale, inv_scale) -> T_c(x)``.
+
+    ``scale`` holds ``2**F_c`` and ``inv_scale`` ``2**-F_c`` per channel, shaped to broadcast along
+    the channel axis of ``x`` (see :func:`channel_scales`); the code bounds depend only on the
+    width, sign and modes that every channel type shares with ``t``.
+    """
+    check_onnx_castable(t, str(t))
+    return helper.make_function(
+        DOMAIN, channel_function_name(t), ["x", "scale", "inv_scale"], ["y"], _cast_body(t, "scale", "inv_scale"),
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        doc_string=f"per-channel {channel_function_name(t)[len(PREFIX) + 3:]}: exact in float32",
+    )
+
+
+def channel_scales(types: Sequence[FixedType], axis: int, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 ``2**F_c`` and ``2**-F_c`` shaped ``[1, ..., C (at axis), ..., 1]`` for a rank-``rank`` tensor."""
+    shape = [1] * rank
+    shape[axis] = len(types)
+    fracs = np.array([t.frac for t in types])
+    return np.ldexp(1.0, fracs).astype(np.float32).reshape(shape), np.ldexp(1.0, -fracs).astype(np.float32).reshape(shape)
 
 
 def cast_model(t: FixedType) -> onnx.ModelProto:

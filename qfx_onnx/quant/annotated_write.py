@@ -1,0 +1,567 @@
+"""``write_annotated``: a FixedPointModel as an annotated ONNX model (see :mod:`qfx_onnx.quant.annotated`).
+
+Every fx node becomes ONNX in graph order: placeholders the graph inputs, ``get_attr`` nodes
+initializers named by their ``onnx_name``, cast modules calls to the local cast function of their
+type, IR ops the ONNX op(s) with exactly the op's semantics at opset 18. An IR op is emitted as
+its ``onnx_op`` with its keyword attributes copied (checked against the opset-18 schema) unless an
+emitter below is registered for it: those ops pass values as inputs at opset 18 or have no ONNX op
+of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import os
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import torch
+from onnx import defs, helper, numpy_helper
+from torch import fx
+
+import qfx_onnx
+from qfx_onnx.errors import ExportError
+from qfx_onnx.fixed.quantizer import FixedQuantizer
+from qfx_onnx.fixed.types import OverflowMode, QuantMode
+from qfx_onnx.ir import ops
+from qfx_onnx.ir.ops import IrOp, op_of
+from qfx_onnx.quant.annotated import (
+    FORMAT_VERSION, INV_SCALE_SUFFIX, KEY_ROLE, KEY_TYPE, LOSSLESS, META_SOURCE, META_VERSION, NODE_IR_OP, QUANT_SUFFIX, RAW_SUFFIX,
+    SCALE_SUFFIX, type_entries,
+)
+from qfx_onnx.quant.onnx_cast import (
+    DOMAIN, IR_VERSION, OPSET, cast_function, cast_function_per_channel, channel_function_name, channel_scales,
+    check_channel_types, check_onnx_castable, function_name,
+)
+from qfx_onnx.quant.quantize import CAST_MODULE_PREFIX, FixedPointModel
+from qfx_onnx.quant.typeprop import ValueInfo, propagate
+
+log = logging.getLogger(__name__)
+
+READ_FROM: "weakref.WeakKeyDictionary[FixedPointModel, tuple[str | None, str | None]]" = weakref.WeakKeyDictionary()
+"""Models made by ``read_annotated``: the path they were read from and their ``qfx.source``."""
+
+
+Examples = torch.Tensor | Sequence[torch.Tensor] | None
+
+
+def write_annotated(model: FixedPointModel, path: str | os.PathLike, *, example_input: Examples = None,
+                    source: str | None = None) -> onnx.ModelProto:
+    """Write ``model`` to ``path`` as an annotated ONNX model and return it.
+
+    The model passes ``onnx.checker.check_model(full_check=True)``; graph inputs and outputs keep
+    their names and shapes (dynamic dims stay dynamic). ``example_input`` (default: zeros of the
+    input shapes with dynamic dims 1) fixes the static shapes that typing the lossless
+    intermediates and some emissions need. ``source`` names the original file (stored as
+    ``qfx.source``; by default the one recorded when ``model`` was read from an annotated file).
+    The file is written atomically; the file ``model`` was read from, or ``source``, is never
+    overwritten. Raises ExportError for what the format cannot express.
+    """
+    read_path, read_source = READ_FROM.get(model, (None, None))
+    _refuse_overwrite(path, [p for p in (read_path, source) if p])
+    proto = build_annotated(model, example_input=example_input, source=source or read_source)
+    _save_atomically(proto, Path(path))
+    return proto
+
+
+def build_annotated(model: FixedPointModel, *, example_input: Examples = None, source: str | None = None) -> onnx.ModelProto:
+    """The annotated ModelProto of ``model`` (what :func:`write_annotated` writes), checked."""
+    gm = model.graph_module
+    info = gm.onnx_info
+    examples = _example_inputs(model, example_input)
+    dtype = next((p.dtype for p in gm.parameters()), torch.float64)
+    values = propagate(gm, tuple(x.to(dtype) if x.is_floating_point() else x for x in examples))
+    writer = _Writer(gm, values)
+    graph = writer.run()
+    meta = {META_VERSION: FORMAT_VERSION}
+    if source:
+        meta[META_SOURCE] = os.path.basename(source)
+    proto = helper.make_model(
+        graph, functions=[writer.functions[k] for k in sorted(writer.functions)], ir_version=IR_VERSION,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
+        producer_name="qfx-onnx", producer_version=qfx_onnx.__version__,
+    )
+    helper.set_model_props(proto, meta)
+    _set_output_shapes(proto, info.graph_name)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise ExportError(f"{info.graph_name}: the annotated model is invalid ONNX ({reason})") from None
+    return proto
+
+
+# --------------------------------------------------------------------------------------------------
+# graph construction
+
+
+class _Writer:
+    """Builds the ONNX graph of one fx GraphModule; ``values`` is typeprop's view of every node."""
+
+    def __init__(self, gm: fx.GraphModule, values: dict[fx.Node, ValueInfo]) -> None:
+        self.gm = gm
+        self.values = values
+        self.names: dict[fx.Node, str] = {}
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.functions: dict[str, onnx.FunctionProto] = {}
+        self.annotations: list[tuple[str, dict[str, str]]] = []
+        self._tensors: set[str] = set()
+        self._node_names: set[str] = set()
+
+    # ------------------------------------------------------------------------------------ helpers
+    def fresh(self, name: str) -> str:
+        """``name``, or ``name::<k>`` if a tensor of that name exists; reserved on return."""
+        out, k = name, 2
+        while out in self._tensors:
+            out, k = f"{name}::{k}", k + 1
+        self._tensors.add(out)
+        return out
+
+    def node(self, op_type: str, inputs: Sequence[str], outputs: Sequence[str], name: str, *, domain: str = "",
+             ir_op: str | None = None, **attrs) -> None:
+        """Append one ONNX node (trailing absent inputs dropped); ``ir_op`` tags a non one-to-one emission."""
+        inputs = list(inputs)
+        while inputs and not inputs[-1]:
+            inputs.pop()
+        base, k = name, 2
+        while name in self._node_names:
+            name, k = f"{base}::{k}", k + 1
+        self._node_names.add(name)
+        node = helper.make_node(op_type, inputs, list(outputs), name=name, domain=domain or None, **attrs)
+        if ir_op is not None:
+            entry = node.metadata_props.add()
+            entry.key, entry.value = NODE_IR_OP, ir_op
+        self.nodes.append(node)
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        """A new initializer (name made unique) holding ``array``."""
+        name = self.fresh(name)
+        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))  # keeps 0-d shapes
+        return name
+
+    def arg(self, value) -> str:
+        """The ONNX tensor name of an fx argument ("" for None)."""
+        if value is None:
+            return ""
+        if not isinstance(value, fx.Node):
+            raise ExportError(f"cannot pass the Python value {value!r} as an ONNX input")
+        return self.names[value]
+
+    def shape(self, node: fx.Node, why: str) -> tuple[int, ...]:
+        shape = self.values[node].shape
+        if shape is None:
+            raise ExportError(f"{why}: the shape of {node.name!r} is unknown")
+        return shape
+
+    def output_name(self, node: fx.Node) -> str:
+        """The ONNX name of a call's output: its onnx_name, else ``<onnx_node>::<ir op>``."""
+        name = node.meta.get("onnx_name")
+        if name is None:
+            op = op_of(node.target)
+            name = f"{node.meta.get('onnx_node') or node.name}::{op.name if op else 'out'}"
+        return self.fresh(name)
+
+    def node_name(self, node: fx.Node, output: str) -> str:
+        """Named after the ONNX node it came from; steps of a decomposition after their output."""
+        if node.meta.get("onnx_name") is None:
+            return output
+        return node.meta.get("onnx_node") or output
+
+    # --------------------------------------------------------------------------------------- walk
+    def run(self) -> onnx.GraphProto:
+        info = self.gm.onnx_info
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(info.input_names):
+            raise ExportError(f"{info.graph_name}: {len(placeholders)} graph inputs but onnx_info names {len(info.input_names)}")
+        inputs = []
+        for node, name, shape in zip(placeholders, info.input_names, info.input_shapes):
+            self.names[node] = self.fresh(name)
+            dims = None if shape is None else [_dim(d, i) for i, d in enumerate(shape)]
+            inputs.append(helper.make_tensor_value_info(name, _elem_type(node), dims))
+        outputs: list[onnx.ValueInfoProto] = []
+        for node in self.gm.graph.nodes:
+            if node.op == "get_attr":
+                self.emit_constant(node)
+            elif node.op == "call_module":
+                self.emit_cast(node)
+            elif node.op == "call_function":
+                self.emit_call(node)
+            elif node.op == "output":
+                outputs = self.emit_outputs(node, info.output_names)
+        graph = helper.make_graph(self.nodes, info.graph_name, inputs, outputs, self.initializers)
+        graph.quantization_annotation.extend(_annotation(n, e) for n, e in self.annotations)
+        return graph
+
+    def emit_constant(self, node: fx.Node) -> None:
+        value = operator.attrgetter(node.target)(self.gm).detach().cpu()
+        name = node.meta.get("onnx_name") or node.target
+        if not value.is_floating_point():
+            self.names[node] = self.const(name, value.numpy())
+            return
+        exact = value.to(torch.float64)
+        stored = exact.to(torch.float32)
+        quantizers = [self.gm.get_submodule(u.target) for u in node.users if u.op == "call_module"]
+        if len(quantizers) == 1 and len(node.users) == 1:
+            # float32 rounding of a float64 parameter can move it onto a rounding tie: store the
+            # quantized value (a fixed point of the cast) wherever the cast would change
+            q = quantizers[0]
+            want = q.quantize_frozen(exact)
+            stored = torch.where(q.quantize_frozen(stored.to(torch.float64)) == want, stored, want.to(torch.float32))
+        elif not torch.equal(stored.to(torch.float64), exact):
+            log.warning("constant %s is not exactly a float32; onnxruntime sees it rounded", name)
+        self.names[node] = self.const(name, stored.numpy())
+
+    def emit_cast(self, node: fx.Node) -> None:
+        if not node.target.startswith(CAST_MODULE_PREFIX):
+            raise ExportError(f"module call {node.target!r} is not a fixed-point cast")
+        quant: FixedQuantizer = self.gm.get_submodule(node.target)
+        tensor = node.meta["onnx_name"]
+        if not quant.enabled:
+            raise ExportError(f"tensor {tensor!r}: its cast is disabled; enable casts before export")
+        producer = node.args[0]
+        raw = self.names[producer]
+        if raw == tensor + RAW_SUFFIX:
+            out = self.fresh(tensor)
+        elif producer.op == "placeholder" and raw == tensor:
+            out = self.fresh(tensor + QUANT_SUFFIX)
+        else:
+            raise ExportError(f"tensor {tensor!r}: its producer is named {raw!r}, expected {tensor}{RAW_SUFFIX}")
+        self.names[node] = out
+        types = quant.frozen_types()
+        role = node.meta.get("role", "act")
+        if quant.per_channel_axis is None:
+            check_onnx_castable(types[0], f"tensor {tensor!r}")
+            fn = cast_function(types[0])
+            self.node(fn.name, [raw], [out], f"{tensor}::cast", domain=DOMAIN)
+            self.annotations.append((out, type_entries(types[0], role)))
+        else:
+            check_channel_types(types, f"tensor {tensor!r}")
+            rank = len(self.shape(node, f"per-channel tensor {tensor!r}"))
+            axis = quant.per_channel_axis % rank
+            fn = cast_function_per_channel(types[0])
+            scale, inv_scale = channel_scales(types, axis, rank)
+            scales = [self.const(tensor + SCALE_SUFFIX, scale), self.const(tensor + INV_SCALE_SUFFIX, inv_scale)]
+            self.node(channel_function_name(types[0]), [raw, *scales], [out], f"{tensor}::cast", domain=DOMAIN)
+            self.annotations.append((out, type_entries(types, role, axis)))
+        self.functions[fn.name] = fn
+
+    def emit_call(self, node: fx.Node) -> None:
+        op = op_of(node.target)
+        if node.target is operator.getitem:
+            if node not in self.names:
+                raise ExportError(f"{node.name!r}: getitem on something other than a split")
+        elif op is None:
+            raise ExportError(f"{node.name!r}: {getattr(node.target, '__name__', node.target)} is not an IR op")
+        elif op.name == "split":  # its ONNX outputs are the getitem nodes: the Split node is the ONNX node
+            _emit_split(self, node, node.meta.get("onnx_node") or node.name)
+            return
+        else:
+            out = self.output_name(node)
+            self.names[node] = out
+            _emitter_of(op)(self, node, out, self.node_name(node, out))
+        value = self.values.get(node)
+        if value is not None and value.type is not None and (op is None or op.kind != "shape"):
+            # the value's type; modes only matter where a cast rounds
+            lossless = value.type.with_modes(QuantMode.TRN, OverflowMode.WRAP, 0)
+            self.annotations.append((self.names[node], {KEY_TYPE: str(lossless), KEY_ROLE: LOSSLESS}))
+
+    def emit_outputs(self, node: fx.Node, names: Sequence[str]) -> list[onnx.ValueInfoProto]:
+        args = node.args[0]
+        results = list(args) if isinstance(args, (tuple, list)) else [args]
+        outputs = []
+        for result, name in zip(results, names):
+            have = self.names[result]
+            if have != name:
+                if name in self._tensors:
+                    raise ExportError(f"graph output {name!r} would clash with the tensor of that name")
+                self.node("Identity", [have], [self.fresh(name)], name)
+            outputs.append(helper.make_tensor_value_info(name, _elem_type(result), None))
+        return outputs
+
+
+# --------------------------------------------------------------------------------------------------
+# emitters
+
+
+Emitter = Callable[[_Writer, fx.Node, str, str], None]
+_EMITTERS: dict[str, Emitter] = {}
+
+
+def emitter(*names: str) -> Callable[[Emitter], Emitter]:
+    """Register an emitter for the IR ops ``names``: ``fn(writer, node, output, node_name)``."""
+
+    def register(fn: Emitter) -> Emitter:
+        for name in names:
+            _EMITTERS[name] = fn
+        return fn
+
+    return register
+
+
+def _emitter_of(op: IrOp) -> Emitter:
+    """The registered emitter of ``op`` (a shape-kind twin shares its op's), else the default."""
+    twin_of = op.name.removeprefix("shape_") if op.kind == "shape" else op.name
+    return _EMITTERS.get(op.name) or _EMITTERS.get(twin_of) or _emit_default
+
+
+def _emit_default(w: _Writer, node: fx.Node, out: str, name: str) -> None:
+    """The op's ``onnx_op`` with tensor args as inputs and keyword attributes as ONNX attributes."""
+    op = op_of(node.target)
+    if op.onnx_op is None:
+        raise ExportError(f"{node.name!r}: IR op {op.name} has no ONNX emission")
+    w.node(op.onnx_op, [w.arg(a) for a in node.args], [out], name, **_attributes(op.onnx_op, node.kwargs, node.name))
+
+
+def _attributes(op_type: str, kwargs: dict, where: str) -> dict:
+    """``kwargs`` (None values dropped) as ONNX attributes typed by the opset-18 schema of ``op_type``."""
+    schema = defs.get_schema(op_type, OPSET)
+    kinds = defs.OpSchema.AttrType
+    out = {}
+    for key, value in kwargs.items():
+        if value is None:
+            continue
+        if key not in schema.attributes:
+            raise ExportError(f"{where!r}: {op_type} (opset {OPSET}) has no attribute {key!r}")
+        kind = schema.attributes[key].type
+        if kind == kinds.INT:
+            value = int(value)
+        elif kind == kinds.FLOAT:
+            value = float(value)
+        elif kind == kinds.INTS:
+            value = [int(v) for v in value]
+        elif kind == kinds.FLOATS:
+            value = [float(v) for v in value]
+        out[key] = value
+    return out
+
+
+def _ints(values: Sequence[int]) -> np.ndarray:
+    return np.asarray(list(values), dtype=np.int64)
+
+
+@emitter("leaky_relu")
+def _emit_leaky_relu(w: _Writer, node: fx.Node, out: str, name: str) -> None:
+    """``where(x < 0, x * alpha, x)`` with a tensor alpha is exactly PRelu."""
+    w.node("PRelu", [w.arg(node.args[0]), w.arg(node.args[1])], [out], name)
+
+
+@emitter("clip")
+def _emit_clip(w: _Writer, node: fx.Node, out: str, name: str) -> None:
+    """Clip with its bounds as inputs; opset 18 wants one-element bounds."""
+    x, low, high = (list(node.args) + [None, None])[:3]
+    for bound in (low, high):
+        if bound is not None and math.prod(w.shape(bound, f"{node.name!r} (clip)")) != 1:
+            raise ExportError(f"{node.name!r}: Clip bounds must be single values, got shape {w.values[bound].shape}")
+    w.node("Clip", [w.arg(x), w.arg(low), w.arg(high)], [out], name)
+
+
+def _hard_sigmoid(w: _Writer, node: fx.Node, out: str, name: str, ir_op: str | None) -> None:
+    x, alpha, beta = (w.arg(a) for a in node.args[:3])
+    scaled = w.fresh(f"{name}::mul")
+    w.node("Mul", [x, alpha], [scaled], scaled)
+    shifted = w.fresh(f"{name}::add")
+    w.node("Add", [scaled, beta], [shifted], shifted)
+    zero = w.const(f"{name}::zero", np.array(0.0, dtype=np.float32))
+    one = w.const(f"{name}::one", np.array(1.0, dtype=np.float32))
+    w.node("Clip", [shifted, zero, one], [out], name, ir_op=ir_op)
+
+
+@emitter("hard_sigmoid")
+def _emit_hard_sigmoid(w: _Writer, node: fx.Node, out: str, name: str) -> None:
+    """``clip(x * alpha + beta, 0, 1)`` as Mul, Add, Clip (ONNX HardSigmoid takes float attributes)."""
+    _hard_sigmoid(w, node, out, name, "hard_sigmoid")
+
+
+@emitter("hard_swish")
+def _emit_hard_swish(w: _Writer, node: fx.Node, out: str, name: str) -> None:
+    """``x * hard_sigmoid(x, alpha, beta)``."""
+    gate = w.fresh(f"{name}::hard_sigmoid")
+    _hard_sigmoid(w, node, gate, gate, None)
+    w.node("Mul", [w.arg(node.args[0]), gate], [out], name, ir_op="hard_swish")
+
+
+@emitter("sum_pool")
+def _emit_sum_pool(w: _Writer, node: fx.Node, out: str, name: str) -> None:
+    """A depthwise Conv with an all-ones kernel (exact); ceil_mode becomes grown end pads."""
+    x = node.args[0]
+    shape = w.shape(x, f"{node.name!r} (sum_pool)")
+    kw = node.kwargs
+    begins, ends = ops.pool_padding(shape[2:], kw["kernel_shape"], kw["strides"], kw["pads"], kw["dilations"], kw.get("ceil_mode", 0))
+    channels = shape[1]
+    ones = w.const(f"{name}::ones", np.ones((channels, 1, *kw["kernel_shape"]), dtype=np.float32))
+    w.node("Conv", [w.arg(x), ones], [out], name, ir_op="sum_pool", group=channels, strides=list(kw["strides"]),
+           pads=list(begins) + list(ends), dilations=list(kw["dilations"]))
+
+
+@emitter("reduce_sum")
+def _emit_reduce_sum(w: _Writer, node: fx.Node, out: str, name: str) -> None:
+    axes = w.const(f"{name}::axes", _ints(node.kwargs["axes"]))
+    w.node("ReduceSum", [w.arg(node.args[0]), axes], [out], name, keepdims=int(node.kwargs.get("keepdims", 1)))
+
+
+@emitter("reshape")
+def _emit_reshape(w: _Writer, node: fx.Node, out: str, name: str) -> None:
+    x, shape = node.args[0], node.args[1]
+    target = w.arg(shape) if isinstance(shape, fx.Node) else w.const(f"{name}::shape", _ints(shape))
+    w.node("Reshape", [w.arg(x), target], [out], name, allowzero=int(node.kwargs.get("allowzero", 0)))
+
+
+@emitter("squeeze", "unsqueeze")
+def _emit_squeeze(w: _Writer, node: fx.Node, out: str, name: str) -> None:
+    axes = node.kwargs.get("axes")
+    given = "" if axes is None else w.const(f"{name}::axes", _ints(axes))
+    w.node(op_of(node.target).onnx_op, [w.arg(node.args[0]), given], [out], name)
+
+
+@emitter("concat")
+def _emit_concat(w: _Writer, node: fx.Node, out: str, name: str) -> None:
+    w.node("Concat", [w.arg(a) for a in node.args[0]], [out], name, axis=int(node.kwargs["axis"]))
+
+
+def _emit_split(w: _Writer, node: fx.Node, name: str) -> None:
+    """One Split node whose outputs are named after the getitem nodes reading the parts."""
+    kw = node.kwargs
+    parts = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+    count = len(kw["split"]) if kw.get("split") is not None else kw["num_outputs"]
+    outputs = []
+    for k in range(count):
+        if k in parts:
+            w.names[parts[k]] = w.output_name(parts[k])
+            outputs.append(w.names[parts[k]])
+        else:
+            outputs.append(w.fresh(f"{name}::{k}"))
+    sizes = "" if kw.get("split") is None else w.const(f"{name}::split", _ints(kw["split"]))
+    attrs = {"axis": int(kw["axis"])}
+    if kw.get("split") is None:
+        attrs["num_outputs"] = int(kw["num_outputs"])
+    w.node("Split", [w.arg(node.args[0]), sizes], outputs, name, **attrs)
+
+
+@emitter("slice_axes")
+def _emit_slice(w: _Writer, node: fx.Node, out: str, name: str) -> None:
+    kw = node.kwargs
+    bounds = [w.const(f"{name}::{key}", _ints(kw[key])) for key in ("starts", "ends", "axes", "steps")]
+    w.node("Slice", [w.arg(node.args[0]), *bounds], [out], name)
+
+
+@emitter("pad")
+def _emit_pad(w: _Writer, node: fx.Node, out: str, name: str) -> None:
+    pads = w.const(f"{name}::pads", _ints(node.kwargs["pads"]))
+    w.node("Pad", [w.arg(node.args[0]), pads], [out], name, mode=node.kwargs.get("mode", "constant"))
+
+
+@emitter("cast")
+def _emit_cast(w: _Writer, node: fx.Node, out: str, name: str) -> None:
+    """A float-to-float cast keeps the working precision (Identity), as the IR op does."""
+    to = int(node.kwargs["to"])
+    source_float = (node.args[0].meta.get("onnx_dtype") or "float32").startswith(("float", "bfloat"))
+    if source_float and ops.torch_dtype(to).is_floating_point:
+        w.node("Identity", [w.arg(node.args[0])], [out], name)
+    else:
+        w.node("Cast", [w.arg(node.args[0])], [out], name, to=to)
+
+
+@emitter("resize")
+def _emit_resize(w: _Writer, node: fx.Node, out: str, name: str) -> None:
+    kw = node.kwargs
+    attrs = {"mode": "nearest", "coordinate_transformation_mode": kw["coordinate_transformation_mode"],
+             "nearest_mode": kw["nearest_mode"]}
+    if kw.get("sizes") is not None:
+        axes = [a for a, s in enumerate(kw["sizes"]) if s is not None]
+        sizes = w.const(f"{name}::sizes", _ints([kw["sizes"][a] for a in axes]))
+        if len(axes) != len(kw["sizes"]):
+            attrs["axes"] = axes
+        w.node("Resize", [w.arg(node.args[0]), "", "", sizes], [out], name, **attrs)
+    else:
+        scales = w.const(f"{name}::scales", np.asarray(kw["scales"], dtype=np.float32))
+        w.node("Resize", [w.arg(node.args[0]), "", scales], [out], name, **attrs)
+
+
+# --------------------------------------------------------------------------------------------------
+# model-level helpers
+
+
+def _dim(size: int | None, axis: int) -> int | str:
+    """A static size, or the symbolic name of a dynamic one ("batch" on axis 0)."""
+    if size is not None:
+        return size
+    return "batch" if axis == 0 else f"dim{axis}"
+
+
+def _elem_type(node: fx.Node) -> int:
+    dtype = node.meta.get("onnx_dtype") or "float32"
+    return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def _annotation(tensor: str, entries: dict[str, str]) -> onnx.TensorAnnotation:
+    ann = onnx.TensorAnnotation(tensor_name=tensor)
+    for key, value in entries.items():
+        ann.quant_parameter_tensor_names.add(key=key, value=value)
+    return ann
+
+
+def _example_inputs(model: FixedPointModel, given) -> tuple[torch.Tensor, ...]:
+    if given is not None:
+        return tuple(given) if isinstance(given, (tuple, list)) else (given,)
+    info = model.graph_module.onnx_info
+    placeholders = [n for n in model.graph_module.graph.nodes if n.op == "placeholder"]
+    examples = []
+    for name, shape, node in zip(info.input_names, info.input_shapes, placeholders):
+        if shape is None:
+            raise ExportError(f"input {name!r} has an unknown shape; pass example_input")
+        dtype = ops.torch_dtype(_elem_type(node))
+        examples.append(torch.zeros([1 if d is None else d for d in shape], dtype=dtype))
+    return tuple(examples)
+
+
+def _set_output_shapes(proto: onnx.ModelProto, label: str) -> None:
+    """Graph output shapes from ONNX shape inference (dynamic dims stay symbolic)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        log.warning("%s: output shapes left unset (shape inference failed: %s)", label, exc)
+        return
+    shapes = {v.name: v.type for v in [*inferred.graph.output, *inferred.graph.value_info]}
+    for output in proto.graph.output:
+        inferred_type = shapes.get(output.name)
+        if inferred_type is not None and inferred_type.tensor_type.HasField("shape"):
+            output.type.tensor_type.shape.CopyFrom(inferred_type.tensor_type.shape)
+
+
+def _refuse_overwrite(path: str | os.PathLike, inputs: Sequence[str]) -> None:
+    target = Path(path).resolve()
+    for source in inputs:
+        other = Path(source).resolve()
+        if target == other or (target.exists() and other.exists() and os.path.samefile(target, other)):
+            raise ExportError(f"{Path(path).name}: refusing to overwrite the model's own input file")
+
+
+def _save_atomically(proto: onnx.ModelProto, path: Path) -> None:
+    """Write to a temp file beside ``path``, then rename it over ``path``."""
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot write ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(proto.SerializeToString())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise ExportError(f"{path}: cannot write ({exc.strerror})") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["build_annotated", "emitter", "write_annotated"]
