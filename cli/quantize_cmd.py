@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -58,7 +59,8 @@ def quantize(
     show_all: bool = typer.Option(False, "--show-all", help="Show every tensor in the table (default: the 25 noisiest)."),
 ) -> None:
     """Quantize every tensor of a float ONNX model to ap_fixed and write an annotated ONNX."""
-    run_command(lambda: _quantize(**locals()))
+    args = dict(locals())
+    run_command(lambda: _quantize(**args))
 
 
 def _quantize(model, data, output, calib_samples, method, weight_bits, bias_bits, act_bits, elementwise_bits,
@@ -117,15 +119,16 @@ def _quantize(model, data, output, calib_samples, method, weight_bits, bias_bits
     if verify:
         with console.status("verifying in onnxruntime"):
             check = verify_annotated(fixed, out, x_eval[:verify_samples])
-        result.verify = check.to_dict()
+        result.verify = {"ok": check.ok, "summary": check.summary(), "layers": [asdict(layer) for layer in check.layers]}
+        samples = min(verify_samples, len(x_eval))
         if check.ok:
-            console.print(f"verify: onnxruntime matches the emulation bit for bit on {min(verify_samples, len(x_eval))} samples")
+            console.print(f"verify: onnxruntime matches the emulation bit for bit on {samples} samples ({check.summary()})")
         else:
-            console.print(f"[red]verify: {check.summary()}[/]")
+            console.print(f"[{'red' if check.unexpected else 'yellow'}]verify on {samples} samples: {check.summary()}[/]")
     if report is not None:
         _write_text(report, result.to_json())
         console.print(f"report: {report}")
-    if verify and not check.ok and not check.explained:
+    if verify and check.unexpected:
         raise QfxError("onnxruntime and the emulation disagree where exactness was guaranteed (see above)")
 
 

@@ -73,15 +73,15 @@ class QuantReport:
 
 
 def _bounds(quant, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Range limits widened by half an LSB: beyond them a value is clipped or wrapped, not rounded."""
     types: list[FixedType] = quant.frozen_types()
+    lo = torch.tensor([t.min_value - t.lsb / 2 for t in types], dtype=raw.dtype)
+    hi = torch.tensor([t.max_value + t.lsb / 2 for t in types], dtype=raw.dtype)
     if len(types) == 1:
-        return torch.tensor(types[0].min_value, dtype=raw.dtype), torch.tensor(types[0].max_value, dtype=raw.dtype)
-    axis = quant.per_channel_axis % raw.dim()
+        return lo[0], hi[0]
     shape = [1] * raw.dim()
-    shape[axis] = len(types)
-    lo = torch.tensor([t.min_value for t in types], dtype=raw.dtype).reshape(shape)
-    hi = torch.tensor([t.max_value for t in types], dtype=raw.dtype).reshape(shape)
-    return lo, hi
+    shape[quant.per_channel_axis % raw.dim()] = len(types)
+    return lo.reshape(shape), hi.reshape(shape)
 
 
 def measure_tensors(model: FixedPointModel, batches) -> list[TensorStats]:
