@@ -35,6 +35,8 @@ KEY_TYPE = "qfx.ap_type"
 KEY_AXIS = "qfx.axis"
 KEY_ROLE = "qfx.role"
 KEY_FINN = "finn_datatype"
+KEY_KHOT = "qfx.khot"  # K-hot weights: at most K ones (or signed digits with KEY_CSD = "1") per code
+KEY_CSD = "qfx.csd"
 LOSSLESS = "lossless"
 CAST_ROLES = ("input", "weight", "bias", "constant", "act", "elementwise")
 
@@ -101,6 +103,27 @@ def type_entries(types: FixedType | list[FixedType], role: str, axis: int | None
     if len(finn) == 1 and None not in finn:
         entries[KEY_FINN] = finn.pop()
     return entries
+
+
+def khot_entries(quantizer) -> dict[str, str]:
+    """The K-hot keys of a KHotQuantizer's annotation (none for other quantizers)."""
+    k = getattr(quantizer, "k", None)
+    if k is None or not hasattr(quantizer, "signed_digits"):
+        return {}
+    return {KEY_KHOT: str(int(k)), KEY_CSD: "1" if quantizer.signed_digits else "0"}
+
+
+def parse_khot(entries: dict[str, str], tensor: str, label: str) -> tuple[int, bool] | None:
+    """(K, signed digits) of a K-hot annotation, or None."""
+    if KEY_KHOT not in entries:
+        return None
+    try:
+        k = int(entries[KEY_KHOT])
+    except ValueError:
+        k = -1
+    if k < 0 or entries.get(KEY_CSD, "0") not in ("0", "1"):
+        raise OnnxModelError(f"{label}: tensor {tensor!r}: bad K-hot annotation {entries.get(KEY_KHOT)!r}/{entries.get(KEY_CSD)!r}")
+    return k, entries.get(KEY_CSD, "0") == "1"
 
 
 def parse_types(entries: dict[str, str], tensor: str, label: str) -> tuple[FixedType | list[FixedType], int | None]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+import torch
 from torch import fx
 
 from qfx_onnx.errors import ExportError, OnnxModelError
@@ -26,7 +27,7 @@ from qfx_onnx.ir import ops
 from qfx_onnx.ir.ops import op_of
 from qfx_onnx.quant.annotated import (
     CAST_ROLES, KEY_ROLE, KEY_TYPE, LOSSLESS, META_SOURCE, NODE_IR_OP, NOT_ANNOTATED, CastCall, annotations, find_casts,
-    parse_types,
+    parse_khot, parse_types,
 )
 from qfx_onnx.quant.annotated_write import READ_FROM
 from qfx_onnx.quant.onnx_cast import DOMAIN, cast_function, cast_function_per_channel, channel_scales, check_channel_types
@@ -57,6 +58,7 @@ def read_annotated(source: str | os.PathLike | onnx.ModelProto) -> FixedPointMod
     except ValueError as exc:  # a per-channel type on a tensor without a channel axis
         raise OnnxModelError(f"{label}: {exc}") from None
     _restore_roles(fixed, roles, axes, label)
+    _restore_khot(fixed, {c.tensor: notes[c.out] for c in casts}, label)
     meta = {p.key: p.value for p in model.metadata_props}
     path = None if isinstance(source, onnx.ModelProto) else str(Path(source).resolve())
     READ_FROM[fixed] = (path, meta.get(META_SOURCE))
@@ -258,6 +260,30 @@ def _restore_roles(fixed: FixedPointModel, roles: dict[str, str], axes: dict[str
             if have != axis:
                 raise OnnxModelError(f"{label}: tensor {name!r} is annotated per channel along axis {axis}, "
                                      f"but the graph makes {have} its channel axis")
+
+
+def _restore_khot(fixed: FixedPointModel, entries: dict[str, dict[str, str]], label: str) -> None:
+    """Casts annotated K-hot become KHotQuantizers of the same (per-channel) types."""
+    from qfx_onnx.fixed.khot import KHotQuantizer
+
+    for node in fixed.graph_module.graph.nodes:
+        name = node.meta.get("onnx_name")
+        khot = parse_khot(entries.get(name, {}), name, label) if node.op == "call_module" else None
+        if khot is None:
+            continue
+        old = fixed.graph_module.get_submodule(node.target)
+        fracs = torch.tensor([float(t.frac) for t in old.frozen_types()], dtype=torch.float64)
+        try:
+            new = KHotQuantizer(old.width, old.signed, khot[0], signed_digits=khot[1],
+                                frac=fracs if old.per_channel_axis is not None else fracs[0],
+                                per_channel_axis=old.per_channel_axis,
+                                num_channels=old.num_channels if old.per_channel_axis is not None else None)
+        except ValueError as exc:
+            raise OnnxModelError(f"{label}: tensor {name!r}: {exc}") from None
+        if new.frozen_types() != old.frozen_types():
+            raise OnnxModelError(f"{label}: tensor {name!r} is annotated K-hot but its type is not "
+                                 f"{new.frozen_types()[0]} (K-hot types round to nearest and saturate)")
+        setattr(fixed.graph_module, node.target, new.to(old.frac.dtype))
 
 
 __all__ = ["read_annotated", "strip_casts"]

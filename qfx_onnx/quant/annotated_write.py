@@ -33,7 +33,7 @@ from qfx_onnx.ir import ops
 from qfx_onnx.ir.ops import IrOp, op_of
 from qfx_onnx.quant.annotated import (
     FORMAT_VERSION, INV_SCALE_SUFFIX, KEY_ROLE, KEY_TYPE, LOSSLESS, META_SOURCE, META_VERSION, NODE_IR_OP, QUANT_SUFFIX, RAW_SUFFIX,
-    SCALE_SUFFIX, type_entries,
+    SCALE_SUFFIX, khot_entries, type_entries,
 )
 from qfx_onnx.quant.onnx_cast import (
     DOMAIN, IR_VERSION, OPSET, cast_function, cast_function_per_channel, channel_function_name, channel_scales,
@@ -240,7 +240,7 @@ class _Writer:
             check_onnx_castable(types[0], f"tensor {tensor!r}")
             fn = cast_function(types[0])
             self.node(fn.name, [raw], [out], f"{tensor}::cast", domain=DOMAIN)
-            self.annotations.append((out, type_entries(types[0], role)))
+            self.annotations.append((out, {**type_entries(types[0], role), **khot_entries(quant)}))
         else:
             check_channel_types(types, f"tensor {tensor!r}")
             rank = len(self.shape(node, f"per-channel tensor {tensor!r}"))
@@ -249,7 +249,7 @@ class _Writer:
             scale, inv_scale = channel_scales(types, axis, rank)
             scales = [self.const(tensor + SCALE_SUFFIX, scale), self.const(tensor + INV_SCALE_SUFFIX, inv_scale)]
             self.node(channel_function_name(types[0]), [raw, *scales], [out], f"{tensor}::cast", domain=DOMAIN)
-            self.annotations.append((out, type_entries(types, role, axis)))
+            self.annotations.append((out, {**type_entries(types, role, axis), **khot_entries(quant)}))
         self.functions[fn.name] = fn
 
     def emit_call(self, node: fx.Node) -> None:
