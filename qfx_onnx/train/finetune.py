@@ -1,0 +1,568 @@
+"""Quantization-aware finetuning that learns the weights and the binary point of every tensor (QFX).
+
+:func:`finetune` trains a :class:`~qfx_onnx.quant.quantize.FixedPointModel` in place: the float
+master weights and, per quantizer, the ``frac`` parameter whose rounding is the tensor's binary
+point. Total widths never change here (see :mod:`qfx_onnx.train.prepare` to change them, go per
+channel or make weights K-hot first). Every epoch the model is evaluated with the exact float64
+fixed-point forward pass; the best epoch (epoch 0 being the model as given) is returned, with its
+parameters replaced by their exact fixed-point values.
+
+Training runs the graph in ``config.train_dtype`` (float32 by default: every cast is still exact
+for W <= 24, only the sums of products inside convolutions round, and a step is about twice as
+fast as in float64); evaluation, best-model selection and the returned model use float64.
+
+Under ``torchrun --nproc-per-node N`` each rank trains on its shard of every global batch with
+DistributedDataParallel; the loss of a rank is ``sum(losses of its shard) * N / global batch`` so
+that DDP's gradient average equals the single-process gradient of the global-batch mean, and the
+binary-point gradient of every activation cast (whose LSQ scale depends on the number of elements
+it sees) is rescaled by ``sqrt(local / global batch)`` to match as well.
+
+The model is also a plain ``nn.Module`` for your own loop::
+
+    import torch, torch.nn.functional as F
+    from qfx_onnx.quant.annotated import read_annotated, write_annotated
+
+    model = read_annotated("cnn.qfx.onnx").float()      # casts stay exact in float32 (W <= 24)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)  # weights and binary points (frac)
+    model.train()
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+    model.double().eval()                               # the exact fixed-point forward pass
+    write_annotated(model, "cnn.ft.qfx.onnx")
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from qfx_onnx.errors import QfxError
+from qfx_onnx.fixed.quantizer import BinaryPointQuantizer
+from qfx_onnx.quant.quantize import FixedPointModel, align_bias_fracs
+from qfx_onnx.train import checkpoint as ckpt
+from qfx_onnx.train import distributed as dist_util
+from qfx_onnx.train.batches import Batch, ShardedBatches, eval_batches, split_item
+from qfx_onnx.train.prepare import (
+    activation_quantizers, bake_parameters, describe, set_binary_points_learnable, weight_decay_params,
+)
+
+log = logging.getLogger(__name__)
+
+TASKS = ("classification", "regression")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "step", "none")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class FinetuneInterrupted(QfxError):
+    """Training was interrupted (Ctrl-C); ``checkpoint`` holds everything needed to resume."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of one finetuning run (the CLI flags of ``qfx-onnx finetune``).
+
+    ``batch_size`` is the global batch (split across ranks). ``frac_lr`` is the learning rate of
+    the binary points (default ``frac_lr_scale * lr``: with Adam a step moves a binary point by
+    about the learning rate, and it must travel 0.5 to change the type). ``patience``: stop after
+    that many epochs without improvement of the evaluation metric (accuracy, or the loss for
+    regression). ``checkpoint_dir`` None: no checkpoints.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    frac_lr: float | None = None
+    frac_lr_scale: float = 100.0
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    task: str = "classification"
+    learn_binary_points: bool = True
+    seed: int = 0
+    patience: int | None = None
+    device: str = "cpu"
+    train_dtype: str = "float32"
+    eval_batch_size: int = 512
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    num_workers: int = 0
+
+    def check(self) -> None:
+        """QfxError for any setting out of range."""
+        if self.epochs < 0:
+            raise QfxError(f"--epochs {self.epochs}: must be >= 0")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise QfxError(f"--batch-size {self.batch_size}: must be >= 1")
+        for name in ("lr", "frac_lr", "weight_decay", "momentum"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise QfxError(f"--{name.replace('_', '-')} {value}: must be a finite number >= 0")
+        for name, value, allowed in (("task", self.task, TASKS), ("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("lr-schedule", self.lr_schedule, SCHEDULES), ("train-dtype", self.train_dtype, tuple(DTYPES))):
+            if value not in allowed:
+                raise QfxError(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
+        if self.patience is not None and self.patience < 1:
+            raise QfxError(f"--patience {self.patience}: must be >= 1")
+        if self.resume and not self.checkpoint_dir:
+            raise QfxError("--resume needs a checkpoint directory")
+
+    @property
+    def binary_point_lr(self) -> float:
+        return self.frac_lr if self.frac_lr is not None else self.frac_lr_scale * self.lr
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a checkpoint must share with the run that resumes it."""
+        skip = {"device", "resume", "checkpoint_dir", "eval_batch_size", "num_workers", "patience"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` did. ``model`` is the finetuned model (the one passed in, now holding
+    the best epoch's exact fixed-point parameters and binary points). ``history`` has one record
+    per evaluated epoch (epoch 0: before training). ``final`` are the exact float64 metrics of the
+    returned model (None without evaluation data); ``binary_points`` maps each tensor to its
+    integer fractional bits (per channel) before and after."""
+
+    model: FixedPointModel
+    history: list[dict[str, Any]]
+    best_epoch: int
+    final: dict[str, float] | None
+    initial: dict[str, float] | None
+    epochs_run: int
+    stopped_early: bool
+    checkpoint: Path | None
+    binary_points: dict[str, tuple[list[int], list[int]]]
+    rank: int = 0
+    world: int = 1
+    seconds: float = 0.0
+
+    def moved_binary_points(self) -> dict[str, tuple[list[int], list[int]]]:
+        return {k: v for k, v in self.binary_points.items() if v[0] != v[1]}
+
+
+class Callback:
+    """Hooks the loop calls (on every rank); override what you need."""
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        """``info``: epochs, steps_per_epoch, start_epoch, start_step, initial (metrics or None)."""
+
+    def on_step(self, epoch: int, step: int, loss: float) -> None:
+        """After optimizer step ``step`` (1-based) of ``epoch`` (1-based) with this rank's mean loss."""
+
+    def on_epoch_end(self, record: dict[str, Any]) -> None:
+        """After each epoch's evaluation and checkpoint; ``record`` is its history entry."""
+
+
+# ------------------------------------------------------------------------------- evaluation
+def evaluate(model: nn.Module, data: Dataset | DataLoader, task: str = "classification", *,
+             batch_size: int = 512, device: torch.device | str | None = None,
+             ctx: dist_util.DistContext | None = None) -> dict[str, float]:
+    """Mean loss (cross-entropy or MSE) and, for classification, accuracy of ``model`` on ``data``.
+
+    Runs in the model's own dtype (a FixedPointModel in float64 is the exact fixed-point forward
+    pass), without gradients. Under DDP each rank evaluates its part of a Dataset and the sums
+    are combined, so every rank returns the same numbers.
+    """
+    ctx = ctx or dist_util.DistContext()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0.0, 0.0
+    with torch.no_grad():
+        for x, y in eval_batches(data, batch_size, ctx.rank, ctx.world):
+            if y is None:
+                raise QfxError("evaluation data has no targets (y)")
+            out = model(x.to(device))
+            y = y.to(device)
+            loss_sum += float(_loss_sum(out, y, task))
+            if task == "classification":
+                correct += float((out.argmax(dim=-1) == y).sum())
+            count += len(x)
+    model.train(was_training)
+    if not isinstance(data, DataLoader):
+        loss_sum, correct, count = dist_util.all_sum(ctx, [loss_sum, correct, count])
+    if count == 0:
+        raise QfxError("the evaluation set is empty")
+    metrics = {"loss": loss_sum / count, "count": int(count)}
+    if task == "classification":
+        metrics["accuracy"] = correct / count
+    return metrics
+
+
+def _loss_sum(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """Sum over the samples of the per-sample loss (MSE: mean over a sample's outputs)."""
+    if task == "classification":
+        if out.dim() != 2:
+            raise QfxError(f"classification needs (batch, classes) logits, the model gives shape {tuple(out.shape)}")
+        if y.dtype.is_floating_point or y.dim() != 1:
+            raise QfxError("classification needs integer class labels of shape (batch,); use --task regression for real targets")
+        if len(y) and int(y.max()) >= out.shape[1]:
+            raise QfxError(f"label {int(y.max())} is out of range for a model with {out.shape[1]} outputs")
+        return F.cross_entropy(out, y, reduction="sum")
+    target = y.to(out.dtype)
+    if target.numel() != out.numel():
+        raise QfxError(f"regression targets of shape {tuple(y.shape)} do not match outputs of shape {tuple(out.shape)}")
+    per_sample = max(out[0].numel(), 1) if len(out) else 1
+    return F.mse_loss(out, target.reshape(out.shape), reduction="sum") / per_sample
+
+
+def _better(a: dict[str, float], b: dict[str, float] | None, task: str) -> bool:
+    """Whether metrics ``a`` beat ``b`` (accuracy first, then loss; regression: loss)."""
+    if b is None:
+        return True
+    if task == "classification" and a["accuracy"] != b["accuracy"]:
+        return a["accuracy"] > b["accuracy"]
+    return a["loss"] < b["loss"]
+
+
+# ------------------------------------------------------------------------------------ setup
+def _optimizer(model: FixedPointModel, config: FinetuneConfig) -> torch.optim.Optimizer:
+    decay_names = weight_decay_params(model)
+    fracs = {id(m.frac) for m in model.modules() if isinstance(m, BinaryPointQuantizer)}
+    decay, plain, frac = [], [], []
+    for name, p in model.graph_module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in fracs:
+            frac.append(p)
+        elif name in decay_names:
+            decay.append(p)
+        else:
+            plain.append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay, "lr": config.lr},
+              {"params": plain, "weight_decay": 0.0, "lr": config.lr},
+              {"params": frac, "weight_decay": 0.0, "lr": config.binary_point_lr}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise QfxError("the model has nothing to train (no parameters and every binary point frozen)")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=config.lr)
+
+
+def _schedule(config: FinetuneConfig, steps_per_epoch: int):
+    total = max(config.epochs * steps_per_epoch, 1)
+    if config.lr_schedule == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    if config.lr_schedule == "step":
+        milestones = (total // 2, (3 * total) // 4)
+        return lambda step: 0.1 ** sum(step >= m for m in milestones)
+    return lambda step: 1.0
+
+
+def _state_hash(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _int_fracs(model: FixedPointModel) -> dict[str, list[int]]:
+    return {name: q.int_fracs() for name, q in model.quantizers().items()}
+
+
+def _clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _aligned(model: FixedPointModel) -> FixedPointModel:
+    """A copy of ``model`` with every bias aligned to its layer's product LSB, as the returned
+    model will be: learned binary points of inputs and weights move that LSB, and evaluating the
+    aligned copy makes the metrics of the selected epoch those of the returned model."""
+    copy_ = copy.deepcopy(model)
+    align_bias_fracs(copy_)
+    return copy_.to(next(model.parameters()).device, torch.float64)
+
+
+class _StopFlag:
+    """SIGINT sets a flag that the loop checks between steps (a second Ctrl-C interrupts at once)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ------------------------------------------------------------------------------------- loop
+def finetune(model: FixedPointModel, train: Dataset | DataLoader, eval: Dataset | DataLoader | None = None,
+             config: FinetuneConfig | None = None, *, callbacks: Sequence[Callback] = ()) -> FinetuneResult:
+    """Finetune ``model`` in place on ``train`` and return the best epoch's model (see module doc).
+
+    ``train``/``eval`` are map-style Datasets of ``(x, y)`` items (then batching, shuffling and
+    sharding across ranks are done here, deterministically from ``config.seed``) or DataLoaders
+    (used as they are, one per rank). Without ``eval`` the last epoch is returned. Guarantees:
+    the same seed and data give identical weights and binary points; a run resumed from its
+    checkpoint ends exactly where the uninterrupted run would; the returned model's parameters
+    are exact fixed-point values and its ``final`` metrics come from the exact float64 pass.
+    Raises FinetuneInterrupted (exit code 130) after saving a checkpoint on Ctrl-C, and QfxError
+    for bad settings or data.
+    """
+    config = config or FinetuneConfig()
+    config.check()
+    if not isinstance(model, FixedPointModel):
+        raise QfxError(f"finetune expects a FixedPointModel, not {type(model).__name__}")
+    ctx = dist_util.setup(config.device)
+    try:
+        return _Run(model, train, eval, config, ctx, list(callbacks)).run()
+    finally:
+        dist_util.teardown(ctx)
+
+
+class _Run:
+    def __init__(self, model: FixedPointModel, train, eval_data, config: FinetuneConfig,
+                 ctx: dist_util.DistContext, callbacks: list[Callback]) -> None:
+        self.model, self.eval_data, self.cfg, self.ctx, self.callbacks = model, eval_data, config, ctx, callbacks
+        self.device = ctx.device
+        self.home = next(model.parameters()).device
+        if isinstance(train, DataLoader):
+            self.loader, self.batches = train, None
+            self.steps_per_epoch = len(train)
+        else:
+            self.loader = None
+            self.batches = ShardedBatches(train, config.batch_size, config.seed, ctx.rank, ctx.world,
+                                          num_workers=config.num_workers)
+            self.steps_per_epoch = len(self.batches)
+        self.frac_factor = 1.0
+        self.epoch, self.step, self.global_step = 0, 0, 0
+        self.loss_sum, self.loss_count = 0.0, 0.0
+        self.best: dict[str, Any] | None = None
+        self.history: list[dict[str, Any]] = []
+        self.bad_epochs, self.stopped_early = 0, False
+        self.checkpoint = Path(ckpt.checkpoint_path(config.checkpoint_dir)) if config.checkpoint_dir else None
+
+    # ---------------------------------------------------------------------------------- set up
+    def _build(self) -> None:
+        cfg = self.cfg
+        self.model.to(self.device, torch.float64)
+        set_binary_points_learnable(self.model, cfg.learn_binary_points)
+        # biases narrower than their layer's product LSB from the start (see _aligned)
+        align_bias_fracs(self.model)
+        self.model.to(self.device, torch.float64)
+        self.fingerprint = {**cfg.fingerprint(), "model": _state_hash(self.model),
+                            "structure": hashlib.sha256(repr(describe(self.model)).encode()).hexdigest()[:16],
+                            "train_samples": self.batches.n if self.batches else len(self.loader.dataset)}
+        self.net = copy.deepcopy(self.model).to(DTYPES[cfg.train_dtype])
+        self.net.train()
+        if self.ctx.active:
+            for name in activation_quantizers(self.net):
+                frac = self.net.graph_module.get_submodule(name).frac
+                if frac.requires_grad:
+                    frac.register_hook(lambda g: g * self.frac_factor)
+            ids = [self.device] if self.device.type == "cuda" else None
+            self.ddp: nn.Module = DistributedDataParallel(self.net, device_ids=ids)
+        else:
+            self.ddp = self.net
+        self.opt = _optimizer(self.net, cfg)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule(cfg, self.steps_per_epoch))
+
+    def _seed(self) -> None:
+        seed = self.cfg.seed
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+
+    # ------------------------------------------------------------------------------ checkpoint
+    def _save(self) -> Path | None:
+        if self.checkpoint is None or not self.ctx.is_main:
+            return self.checkpoint
+        state = {"fingerprint": self.fingerprint, "epoch": self.epoch, "step": self.step,
+                 "global_step": self.global_step, "model": self.net.state_dict(),
+                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "rng": ckpt.rng_state(), "best": self.best, "history": self.history,
+                 "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early,
+                 "partial": {"loss_sum": self.loss_sum, "count": self.loss_count}}
+        return ckpt.save(state, self.checkpoint)
+
+    def _restore(self) -> None:
+        state = ckpt.load(self.checkpoint)
+        ckpt.check_fingerprint(state, self.fingerprint, self.checkpoint)
+        try:
+            self.net.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ckpt.CheckpointError(f"{self.checkpoint}: does not fit this model ({' '.join(str(exc).split())[:200]})") from None
+        ckpt.set_rng_state(state["rng"])
+        self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
+        self.best = state["best"]
+        if self.best is not None:
+            self.best["state"] = {k: v.to(self.device) for k, v in self.best["state"].items()}
+        self.history, self.bad_epochs = state["history"], state["bad_epochs"]
+        self.stopped_early = state["stopped_early"]
+        self.loss_sum, self.loss_count = state["partial"]["loss_sum"], state["partial"]["count"]
+
+    # ------------------------------------------------------------------------------ evaluation
+    def _evaluate(self) -> dict[str, float] | None:
+        if self.eval_data is None:
+            return None
+        self.model.load_state_dict(self.net.state_dict())
+        return evaluate(_aligned(self.model), self.eval_data, self.cfg.task, batch_size=self.cfg.eval_batch_size,
+                        device=self.device, ctx=self.ctx)
+
+    def _record(self, epoch: int, metrics: dict[str, float] | None, train_loss: float | None, seconds: float) -> dict:
+        record = {"epoch": epoch, "train_loss": train_loss, "lr": self.opt.param_groups[0]["lr"], "seconds": seconds}
+        if metrics is not None:
+            record.update({f"eval_{k}": v for k, v in metrics.items() if k != "count"})
+        improved = metrics is None or _better(metrics, self.best["metrics"] if self.best else None, self.cfg.task)
+        if improved:
+            self.best = {"epoch": epoch, "metrics": metrics, "state": _clone_state(self.net)}
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        record["best"] = improved
+        self.history.append(record)
+        return record
+
+    # ---------------------------------------------------------------------------------- train
+    def _batches(self, epoch: int, start: int):
+        if self.batches is not None:
+            yield from self.batches.epoch(epoch, start)
+            return
+        for i, item in enumerate(self.loader):
+            if i < start:
+                continue
+            x, y = split_item(item)
+            size = len(x)
+            total = int(dist_util.all_sum(self.ctx, [float(size)])[0])
+            yield Batch(x, y, size, total)
+
+    def _train_step(self, batch: Batch) -> float:
+        if batch.y is None:
+            raise QfxError("training data has no targets (y)")
+        x = batch.x.to(self.device, non_blocking=True)
+        y = batch.y.to(self.device, non_blocking=True)
+        self.frac_factor = math.sqrt(batch.size / batch.global_size) if batch.size else 0.0
+        out = self.ddp(x)
+        total = _loss_sum(out, y, self.cfg.task)
+        if batch.size == 0:
+            total = total * 0.0  # a placeholder sample: take part in DDP's all-reduce, add nothing
+        loss = total * (self.ctx.world / batch.global_size)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        value = float(total.detach())
+        if not math.isfinite(value):
+            raise QfxError(f"the training loss became {value} at epoch {self.epoch + 1}, step {self.step + 1}; "
+                           "lower --lr or --frac-lr")
+        return value
+
+    def _interrupted(self) -> FinetuneInterrupted:
+        path = self._save()
+        where = f"epoch {self.epoch + 1}, step {self.step}/{self.steps_per_epoch}"
+        if path is None:
+            return FinetuneInterrupted(f"interrupted at {where}; no checkpoint directory, progress is lost", None)
+        return FinetuneInterrupted(f"interrupted at {where}; checkpoint saved to {path} (continue with --resume)", path)
+
+    def run(self) -> FinetuneResult:
+        start_time = time.perf_counter()
+        self._seed()
+        self._build()
+        before = _int_fracs(self.model)
+        if self.cfg.resume:
+            self._restore()
+        else:
+            self._record(0, self._evaluate(), None, 0.0)
+            self._save()
+        initial = self.history[0] if self.history else None
+        info = {"epochs": self.cfg.epochs, "steps_per_epoch": self.steps_per_epoch, "start_epoch": self.epoch,
+                "start_step": self.step, "initial": initial}
+        for cb in self.callbacks:
+            cb.on_start(info)
+        with _StopFlag() as flag:
+            try:
+                self._loop(flag)
+            except KeyboardInterrupt:
+                raise self._interrupted() from None
+        return self._finish(before, initial, time.perf_counter() - start_time)
+
+    def _loop(self, flag: _StopFlag) -> None:
+        cfg = self.cfg
+        while self.epoch < cfg.epochs and not self.stopped_early:
+            t0 = time.perf_counter()
+            for batch in self._batches(self.epoch, self.step):
+                value = self._train_step(batch)
+                self.step += 1
+                self.global_step += 1
+                self.loss_sum += value
+                self.loss_count += batch.size
+                for cb in self.callbacks:
+                    cb.on_step(self.epoch + 1, self.step, value / max(batch.size, 1))
+                if dist_util.any_rank(self.ctx, flag.requested):
+                    raise KeyboardInterrupt
+            loss_sum, count = dist_util.all_sum(self.ctx, [self.loss_sum, self.loss_count])
+            metrics = self._evaluate()
+            self.epoch, self.step = self.epoch + 1, 0
+            self.loss_sum, self.loss_count = 0.0, 0.0
+            record = self._record(self.epoch, metrics, loss_sum / max(count, 1), time.perf_counter() - t0)
+            if cfg.patience is not None and self.bad_epochs >= cfg.patience:
+                self.stopped_early = True
+            self._save()
+            for cb in self.callbacks:
+                cb.on_epoch_end(record)
+
+    def _finish(self, before: dict[str, list[int]], initial: dict | None, seconds: float) -> FinetuneResult:
+        best = self.best
+        self.model.load_state_dict(best["state"] if best else self.net.state_dict())
+        align_bias_fracs(self.model)
+        self.model.to(self.device, torch.float64)
+        bake_parameters(self.model)
+        final = self._final_metrics()
+        after = _int_fracs(self.model)
+        self.model.to(self.home)
+        return FinetuneResult(
+            model=self.model, history=self.history, best_epoch=best["epoch"] if best else self.epoch, final=final,
+            initial={k[5:]: v for k, v in initial.items() if k.startswith("eval_")} if initial else None,
+            epochs_run=self.epoch, stopped_early=self.stopped_early, checkpoint=self.checkpoint,
+            binary_points={k: (before[k], after.get(k, before[k])) for k in before},
+            rank=self.ctx.rank, world=self.ctx.world, seconds=seconds)
+
+    def _final_metrics(self) -> dict[str, float] | None:
+        if self.eval_data is None:
+            return None
+        return evaluate(self.model, self.eval_data, self.cfg.task, batch_size=self.cfg.eval_batch_size,
+                        device=self.device, ctx=self.ctx)
+
+
+__all__ = ["Callback", "FinetuneConfig", "FinetuneInterrupted", "FinetuneResult", "evaluate", "finetune"]

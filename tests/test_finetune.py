@@ -1,0 +1,221 @@
+"""finetune(): learned binary points, QAT vs PTQ, K-hot, determinism, checkpoints and resume."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from qfx_onnx.data import ArrayDataset, load_arrays
+from qfx_onnx.errors import QfxError
+from qfx_onnx.fixed.khot import KHotQuantizer, digit_count
+from qfx_onnx.fixed.reference import reference_cast, reference_codes
+from qfx_onnx.importer import load_onnx
+from qfx_onnx.quant.annotated import KEY_KHOT, annotations, parse_types, read_annotated, write_annotated
+from qfx_onnx.quant.quantize import quantize_graph
+from qfx_onnx.train import Callback, FinetuneConfig, FinetuneInterrupted, evaluate, finetune
+from qfx_onnx.train import checkpoint as ckpt
+from qfx_onnx.train.prepare import set_widths, to_khot, to_per_channel
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+DATA = MODELS / "digits.npz"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny tensors: intra-op threads only add synchronisation (and stall on a busy machine)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_arrays(DATA, "train")
+    xt, yt = load_arrays(DATA, "test")
+    return ArrayDataset(x, y, "train"), ArrayDataset(xt, yt, "test")
+
+
+@pytest.fixture(scope="module")
+def mlp_file(tmp_path_factory, digits):
+    path = tmp_path_factory.mktemp("models") / "mlp.qfx.onnx"
+    write_annotated(quantize_graph(load_onnx(MODELS / "mlp.onnx"), [digits[0].x[:512]]), path, source="mlp.onnx")
+    return path
+
+
+def subset(ds: ArrayDataset, n: int) -> ArrayDataset:
+    return ArrayDataset(ds.x[:n], ds.y[:n], f"{ds.source}[:{n}]")
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+class Interrupt(Callback):
+    """Raises KeyboardInterrupt (what Ctrl-C raises) after a given epoch or step."""
+
+    def __init__(self, epoch: int, step: int | None = None) -> None:
+        self.epoch, self.step = epoch, step
+
+    def on_step(self, epoch, step, loss):
+        if self.step is not None and (epoch, step) == (self.epoch, self.step):
+            raise KeyboardInterrupt
+
+    def on_epoch_end(self, record):
+        if self.step is None and record["epoch"] == self.epoch:
+            raise KeyboardInterrupt
+
+
+def four_bit(path, train: ArrayDataset):
+    model = read_annotated(path)
+    set_widths(model, {"weight": 4, "act": 4, "input": 4}, [train.x[:512]], method="mse")
+    return model
+
+
+def test_binary_points_move_loss_falls_and_qat_beats_ptq(mlp_file, digits):
+    train, test = digits
+    model = four_bit(mlp_file, train)
+    ptq = evaluate(copy.deepcopy(model), test)["accuracy"]
+    # no eval data: the last epoch is returned, so best-model selection cannot hide a regression
+    result = finetune(model, subset(train, 768), None, FinetuneConfig(epochs=4, batch_size=32, seed=1))
+    losses = [r["train_loss"] for r in result.history[1:]]
+    assert losses[-1] < losses[0]
+    assert result.moved_binary_points(), "no binary point moved"
+    qat = evaluate(result.model, test)["accuracy"]
+    assert qat >= ptq, (qat, ptq)
+    assert result.model.graph_module.qfx_cast_1.frac.dtype == torch.float64
+
+
+def test_frozen_binary_points_do_not_move(mlp_file, digits):
+    train, test = digits
+    model = four_bit(mlp_file, train)
+    result = finetune(model, subset(train, 256), test, FinetuneConfig(epochs=2, batch_size=32, learn_binary_points=False))
+    assert result.moved_binary_points() == {}
+    assert result.final["accuracy"] == result.history[result.best_epoch]["eval_accuracy"]
+
+
+def test_same_seed_same_weights_other_seed_differs(mlp_file, digits):
+    train = subset(digits[0], 256)
+    runs = [finetune(read_annotated(mlp_file), train, None, FinetuneConfig(epochs=1, batch_size=32, seed=s)).model
+            for s in (3, 3, 4)]
+    assert_same_state(state(runs[0]), state(runs[1]))
+    assert any(not torch.equal(a, b) for a, b in zip(state(runs[0]).values(), state(runs[2]).values()))
+
+
+@pytest.mark.parametrize("where", [(1, None), (2, 3)], ids=["after-epoch-1", "mid-epoch-2"])
+def test_interrupt_then_resume_equals_uninterrupted(mlp_file, digits, tmp_path, where):
+    train, test = subset(digits[0], 256), subset(digits[1], 120)
+    config = dict(epochs=3, batch_size=32, seed=7, lr_schedule="cosine")
+    full = finetune(read_annotated(mlp_file), train, test, FinetuneConfig(**config, checkpoint_dir=str(tmp_path / "a")))
+
+    cfg = FinetuneConfig(**config, checkpoint_dir=str(tmp_path / "b"))
+    with pytest.raises(FinetuneInterrupted) as info:
+        finetune(read_annotated(mlp_file), train, test, cfg, callbacks=[Interrupt(*where)])
+    assert info.value.exit_code == 130 and info.value.checkpoint.is_file()
+    saved = torch.load(info.value.checkpoint, weights_only=True)
+    assert (saved["epoch"], saved["step"]) == ((1, 0) if where[1] is None else (1, 3))
+
+    resumed = finetune(read_annotated(mlp_file), train, test, FinetuneConfig(**config, checkpoint_dir=str(tmp_path / "b"), resume=True))
+    assert_same_state(state(full.model), state(resumed.model))
+    assert [r["eval_loss"] for r in full.history] == [r["eval_loss"] for r in resumed.history]
+    assert full.best_epoch == resumed.best_epoch and full.final == resumed.final
+
+
+def _walk(value, path="ckpt"):
+    """Every leaf of a checkpoint: only tensors and primitives may appear."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            assert isinstance(k, (str, int)), f"{path}: key {k!r}"
+            yield from _walk(v, f"{path}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _walk(v, f"{path}[{i}]")
+    else:
+        assert value is None or isinstance(value, (torch.Tensor, str, int, float, bool)), f"{path}: {type(value)}"
+        yield value
+
+
+def test_ctrl_c_leaves_weights_only_checkpoint(mlp_file, digits, tmp_path):
+    train, test = subset(digits[0], 128), subset(digits[1], 60)
+    cfg = FinetuneConfig(epochs=2, batch_size=32, checkpoint_dir=str(tmp_path))
+    with pytest.raises(FinetuneInterrupted, match="--resume"):
+        finetune(read_annotated(mlp_file), train, test, cfg, callbacks=[Interrupt(1, 2)])
+    path = ckpt.checkpoint_path(tmp_path)
+    loaded = torch.load(path, weights_only=True)  # the restricted unpickler accepts it
+    assert loaded["format"] == ckpt.FORMAT and loaded["best"]["epoch"] == 0
+    assert sum(isinstance(v, torch.Tensor) for v in _walk(loaded)) > 10
+    assert not list(tmp_path.glob(".*.tmp")), "a temporary file was left behind"
+    with pytest.raises(ckpt.CheckpointError, match="other settings"):
+        finetune(read_annotated(mlp_file), train, test, FinetuneConfig(epochs=2, batch_size=32, lr=0.01,
+                                                                        checkpoint_dir=str(tmp_path), resume=True))
+
+
+def test_khot_codes_in_saved_file(mlp_file, digits, tmp_path):
+    train, test = subset(digits[0], 256), digits[1]
+    model = read_annotated(mlp_file)
+    to_per_channel(model)
+    to_khot(model, 2)
+    result = finetune(model, train, test, FinetuneConfig(epochs=1, batch_size=32))
+    out = tmp_path / "khot.qfx.onnx"
+    write_annotated(result.model, out)
+
+    proto = onnx.load(out)
+    notes = annotations(proto.graph, "khot")
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in proto.graph.initializer}
+    checked = 0
+    for tensor, entries in notes.items():
+        if KEY_KHOT not in entries:
+            continue
+        types, axis = parse_types(entries, tensor, "khot")
+        values = inits[tensor + "::raw"]
+        chunks = np.split(values, values.shape[axis], axis=axis) if isinstance(types, list) else [values]
+        for t, v in zip(types if isinstance(types, list) else [types], chunks):
+            codes = torch.from_numpy(reference_codes(v, t))
+            assert int(digit_count(codes).max()) <= 2, tensor
+            np.testing.assert_array_equal(reference_cast(v, t), v)  # stored values are exact codes
+        checked += 1
+    assert checked == 3  # the three Gemm weights
+    again = read_annotated(out)
+    assert sum(isinstance(q, KHotQuantizer) for q in again.quantizers().values()) == 3
+    assert evaluate(again, test) == result.final
+
+
+def test_regression_and_dataloader(mlp_file, digits):
+    train, test = subset(digits[0], 256), subset(digits[1], 64)
+    onehot = lambda ds: torch.utils.data.TensorDataset(ds.x, torch.nn.functional.one_hot(ds.y, 10).float() * 4)
+    loader = torch.utils.data.DataLoader(onehot(train), batch_size=32, shuffle=False)
+    result = finetune(read_annotated(mlp_file), loader, onehot(test),
+                      FinetuneConfig(epochs=2, task="regression", lr=3e-3))
+    assert "eval_accuracy" not in result.history[-1]
+    assert result.final["loss"] < result.initial["loss"]
+
+
+def test_bad_settings_are_one_line_errors(mlp_file, digits):
+    model = read_annotated(mlp_file)
+    for bad, match in ((dict(optimizer="lion"), "--optimizer"), (dict(batch_size=0), "--batch-size"),
+                       (dict(resume=True), "checkpoint directory"), (dict(train_dtype="float16"), "--train-dtype")):
+        with pytest.raises(QfxError, match=match):
+            finetune(model, digits[0], None, FinetuneConfig(**bad))
+    if not torch.cuda.is_available():
+        with pytest.raises(QfxError, match="no CUDA device"):
+            finetune(model, digits[0], None, FinetuneConfig(device="cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_exact_cpu_evaluation(mlp_file, digits):
+    train, test = subset(digits[0], 256), digits[1]
+    result = finetune(read_annotated(mlp_file), train, test, FinetuneConfig(epochs=1, batch_size=32, device="cuda"))
+    assert next(result.model.parameters()).device.type == "cpu"
+    assert evaluate(result.model, test) == result.final
