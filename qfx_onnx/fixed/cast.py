@@ -70,7 +70,7 @@ def _overflow_float(qv: torch.Tensor, t: FixedType) -> torch.Tensor:
     if o is O.SAT:
         return qv.clamp_(lo, hi)
     if o is O.SAT_SYM:
-        return qv.clamp_(-hi if t.signed else lo, hi)
+        return qv.clamp_(float(t.sat_min_code), hi)
     if o is O.SAT_ZERO:
         return qv.masked_fill_((qv < lo) | (qv > hi), 0.0)
     # AP_WRAP, N == 0: keep the low W bits. remainder() by a power of two is exact here, and inf
@@ -128,7 +128,7 @@ def _overflow_int(qv: torch.Tensor, fl: torch.Tensor, t: FixedType) -> torch.Ten
         codes = _sign_extend(word, w, t.signed)
         if o is O.SAT_ZERO:
             return codes.masked_fill(overflow | underflow, 0)
-        lo = -t.int_max if (o is O.SAT_SYM and t.signed) else t.int_min
+        lo = t.sat_min_code if o is O.SAT_SYM else t.int_min
         if o is O.SAT_SYM and t.signed:
             underflow = underflow | (qv == bottom)
         hi = t.int_max if t.int_max < 1 << 63 else -1  # ap_ufixed<64>: all ones

@@ -131,7 +131,7 @@ def reference_codes(x, t: FixedType | str) -> np.ndarray:
         codes = codes_wrapped
         if o is O.SAT_ZERO:
             return np.where(out_of_range, 0, codes).astype(codes.dtype)
-        lo = -int_max if (o is O.SAT_SYM and t.signed) else int_min
+        lo = t.sat_min_code if o is O.SAT_SYM else int_min
         if o is O.SAT_SYM and t.signed:
             underflow = underflow | (q_float == bottom)
         codes = np.where(overflow, np.array(int_max).astype(codes.dtype), codes)

@@ -142,6 +142,17 @@ class FixedType:
         return (1 << (self.width - 1)) - 1 if self.signed else (1 << self.width) - 1
 
     @property
+    def sat_min_code(self) -> int:
+        """Where saturation sends values below the range: ``-int_max`` for signed AP_SAT_SYM.
+
+        Except at W = 1, where the header's ``min | 1`` is the code -1 itself (ap_fixed<1,..,AP_SAT_SYM>
+        saturates like AP_SAT).
+        """
+        if self.o is OverflowMode.SAT_SYM and self.signed and self.width > 1:
+            return -self.int_max
+        return self.int_min
+
+    @property
     def min_value(self) -> float:
         return math.ldexp(self.int_min, -self.frac)
 

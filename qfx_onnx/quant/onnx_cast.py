@@ -107,7 +107,7 @@ def _overflow(b: _Body, qv: str, fl: str, t: FixedType) -> str:
     if o is O.SAT:
         return b.op("Clip", qv, b.const(lo), b.const(hi))
     if o is O.SAT_SYM:
-        return b.op("Clip", qv, b.const(-hi if t.signed else lo), b.const(hi))
+        return b.op("Clip", qv, b.const(float(t.sat_min_code)), b.const(hi))
     out_of_range = b.op("Or", b.op("Less", qv, b.const(lo)), b.op("Greater", qv, b.const(hi)))
     if o is O.SAT_ZERO:
         return b.where(out_of_range, b.const(0.0), qv)
