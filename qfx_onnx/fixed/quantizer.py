@@ -353,8 +353,7 @@ class FixedQuantizer(BinaryPointQuantizer):
         self.q, self.o, self.n, self._base = base.q, base.o, base.n, base
         o_eff = OverflowMode.SAT if (self.o is OverflowMode.WRAP_SM and not self.signed) else self.o
         self._saturating = o_eff in (OverflowMode.SAT, OverflowMode.SAT_SYM, OverflowMode.SAT_ZERO)
-        sym = o_eff is OverflowMode.SAT_SYM and self.signed
-        self._bounds = (-base.int_max if sym else base.int_min, base.int_max)
+        self._bounds = (base.sat_min_code if o_eff is OverflowMode.SAT_SYM else base.int_min, base.int_max)
 
     def _type(self, f: int) -> FixedType:
         return FixedType(self.width, self.width - f, self.signed, self.q, self.o, self.n)
