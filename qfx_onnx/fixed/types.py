@@ -249,7 +249,13 @@ def mul_type(a: FixedType, b: FixedType) -> FixedType:
 
 
 def neg_type(a: FixedType) -> FixedType:
-    """Result type of unary minus: one more bit, signed."""
+    """Result type of unary minus: one more bit, signed.
+
+    ``-ap_int<1>`` is the exception: the header computes it as ``ap_int_base<1,false>(0) - x``,
+    a 3-bit difference.
+    """
+    if a.is_int and a.signed and a.width == 1:
+        return _base(3, 3, True)
     return _base(a.width + 1, a.integer + 1, True)
 
 
