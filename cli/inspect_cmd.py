@@ -18,7 +18,7 @@ _STATUS_STYLE = {"converted": "green", "folded": "cyan", "unsupported": "bold re
 def inspect(
     model: Path = typer.Argument(..., help="Float ONNX model."),
     data: Path | None = typer.Option(None, "--data", help="Labelled data (.npz with x and y, or module:function): report the float accuracy."),
-    split: str | None = typer.Option(None, "--split", help="Rows of --data to use: train or test (default: all)."),
+    split: str | None = typer.Option(None, "--split", help="Rows of --data to use: train, test or all (default: the test split when the .npz has one)."),
     batch_size: int = typer.Option(256, help="Samples per forward pass with --data."),
 ) -> None:
     """List the model's nodes with their support status; exit 2 if any op is unsupported."""
@@ -62,7 +62,11 @@ def _accuracy(gm: torch.fx.GraphModule, data: Path, split: str | None, batch_siz
 
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: must be at least 1")
-    x, y = load_arrays(data, split)
+    from qfx_onnx.quant.api import evaluation_split
+
+    if split is None:
+        split = evaluation_split(data)
+    x, y = load_arrays(data, None if split == "all" else split)
     if y is None:
         raise DataError(f"{data}: has no labels (y), so no accuracy can be measured")
     if len(gm.onnx_info.input_names) != 1:
