@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -23,7 +24,7 @@ def finetune(
     epochs: int = typer.Option(10, help="Training epochs."),
     batch_size: int = typer.Option(64, help="GLOBAL batch size (split across torchrun processes)."),
     lr: float = typer.Option(1e-3, help="Learning rate of the weights."),
-    frac_lr: float | None = typer.Option(None, help="Learning rate of the binary points [default: 100 x --lr]."),
+    frac_lr: float | None = typer.Option(None, help="Learning rate of the binary points [default: 30 x --lr]."),
     optimizer: str = typer.Option("adam", help="adam, adamw or sgd (momentum 0.9)."),
     lr_schedule: str = typer.Option("cosine", help="cosine, step (x0.1 at 50% and 75%) or none."),
     weight_decay: float = typer.Option(0.0, help="Weight decay of the weights (not biases or binary points)."),
@@ -45,10 +46,15 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in the checkpoint folder."),
     device: str = typer.Option("cpu", help="cpu or cuda (under torchrun: each rank its own GPU)."),
     train_dtype: str = typer.Option("float32", help="Training precision: float32 (fast; casts exact for W <= 24) or float64."),
+    threads: int | None = typer.Option(None, help="Intra-op CPU threads per process [default: torch's]; 1 is often fastest for small models."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Run the written ONNX in onnxruntime and compare bit for bit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
-    """Train weights and binary points of a fixed-point model; write the annotated result."""
+    """Train weights and binary points of a fixed-point model; write the annotated result.
+
+    Several processes: torchrun --nproc-per-node N --no-python qfx-onnx finetune ... (gloo on CPU,
+    NCCL with --device cuda; --batch-size stays the global batch; only rank 0 writes files).
+    """
     args = dict(locals())
     run_command(lambda: _finetune(**args))
 
@@ -56,7 +62,7 @@ def finetune(
 def _finetune(model, data, output, eval_data, task, epochs, batch_size, lr, frac_lr, optimizer, lr_schedule,
               weight_decay, seed, patience, freeze_binary_points, per_channel, weight_bits, act_bits, input_bits,
               elementwise_bits, bias_bits, calibration, calib_samples, khot, csd, khot_elementwise, checkpoint_dir,
-              resume, device, train_dtype, verify, quiet) -> None:
+              resume, device, train_dtype, threads, verify, quiet) -> None:
     from qfx_onnx.quant.annotated import read_annotated, verify_annotated, write_annotated
     from qfx_onnx.train import FinetuneConfig, FinetuneInterrupted, finetune as run_finetune
     from qfx_onnx.train.batches import load_task_dataset
@@ -71,6 +77,10 @@ def _finetune(model, data, output, eval_data, task, epochs, batch_size, lr, frac
         raise QfxError("--csd and --khot-elementwise need --khot K")
     if calib_samples < 1:
         raise QfxError(f"--calib-samples {calib_samples}: must be >= 1")
+    if threads is not None:
+        if threads < 1:
+            raise QfxError(f"--threads {threads}: must be >= 1")
+        torch.set_num_threads(threads)
     config = FinetuneConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, frac_lr=frac_lr, optimizer=optimizer, weight_decay=weight_decay,
         lr_schedule=lr_schedule, task=task, learn_binary_points=not freeze_binary_points, seed=seed, patience=patience,
@@ -79,6 +89,9 @@ def _finetune(model, data, output, eval_data, task, epochs, batch_size, lr, frac
     config.check()
     rank = int(os.environ.get("RANK", "0") or 0)
     show = rank == 0
+    existing = Path(config.checkpoint_dir) / "last.pt"
+    if existing.is_file() and not resume and show:
+        console.print(f"note: starting afresh; {existing} will be replaced (pass --resume to continue it)")
 
     train_set = load_task_dataset(data, "train", task)
     eval_set = load_task_dataset(eval_data, None, task) if eval_data else load_task_dataset(data, "test", task, missing_ok=True)

@@ -219,3 +219,22 @@ def test_cuda_matches_exact_cpu_evaluation(mlp_file, digits):
     result = finetune(read_annotated(mlp_file), train, test, FinetuneConfig(epochs=1, batch_size=32, device="cuda"))
     assert next(result.model.parameters()).device.type == "cpu"
     assert evaluate(result.model, test) == result.final
+
+
+def test_model_is_a_plain_module_for_your_own_loop(mlp_file, digits, tmp_path):
+    # the module docstring's example, a few steps
+    train, test = digits
+    model = read_annotated(mlp_file).float()
+    fracs = [p for n, p in model.named_parameters() if n.endswith(".frac")]
+    weights = [p for n, p in model.named_parameters() if not n.endswith(".frac")]
+    opt = torch.optim.Adam([{"params": weights}, {"params": fracs, "lr": 0.1}], lr=1e-3)
+    model.train()
+    for i in range(8):
+        loss = torch.nn.functional.cross_entropy(model(train.x[i * 32:(i + 1) * 32]), train.y[i * 32:(i + 1) * 32])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(p.grad is not None for p in fracs)
+    model.double().eval()
+    write_annotated(model, tmp_path / "own.qfx.onnx")
+    assert evaluate(read_annotated(tmp_path / "own.qfx.onnx"), test) == evaluate(model, test)

@@ -8,8 +8,9 @@ fixed-point forward pass; the best epoch (epoch 0 being the model as given) is r
 parameters replaced by their exact fixed-point values.
 
 Training runs the graph in ``config.train_dtype`` (float32 by default: every cast is still exact
-for W <= 24, only the sums of products inside convolutions round, and a step is about twice as
-fast as in float64); evaluation, best-model selection and the returned model use float64.
+for W <= 24, only the sums of products inside convolutions round, and a step is faster than in
+float64, see ``benchmarks/qat_results.md``); evaluation, best-model selection and the returned
+model use float64.
 
 Under ``torchrun --nproc-per-node N`` each rank trains on its shard of every global batch with
 DistributedDataParallel; the loss of a rank is ``sum(losses of its shard) * N / global batch`` so
@@ -23,7 +24,9 @@ The model is also a plain ``nn.Module`` for your own loop::
     from qfx_onnx.quant.annotated import read_annotated, write_annotated
 
     model = read_annotated("cnn.qfx.onnx").float()      # casts stay exact in float32 (W <= 24)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)  # weights and binary points (frac)
+    fracs = [p for n, p in model.named_parameters() if n.endswith(".frac")]   # binary points
+    weights = [p for n, p in model.named_parameters() if not n.endswith(".frac")]
+    opt = torch.optim.Adam([{"params": weights}, {"params": fracs, "lr": 0.1}], lr=1e-3)
     model.train()
     for x, y in loader:
         loss = F.cross_entropy(model(x), y)
@@ -48,7 +51,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
@@ -58,7 +60,8 @@ from qfx_onnx.fixed.quantizer import BinaryPointQuantizer
 from qfx_onnx.quant.quantize import FixedPointModel, align_bias_fracs
 from qfx_onnx.train import checkpoint as ckpt
 from qfx_onnx.train import distributed as dist_util
-from qfx_onnx.train.batches import Batch, ShardedBatches, eval_batches, split_item
+from qfx_onnx.train.batches import Batch, ShardedBatches, split_item
+from qfx_onnx.train.metrics import better, evaluate, loss_sum
 from qfx_onnx.train.prepare import (
     activation_quantizers, bake_parameters, describe, set_binary_points_learnable, weight_decay_params,
 )
@@ -96,7 +99,7 @@ class FinetuneConfig:
     batch_size: int = 64
     lr: float = 1e-3
     frac_lr: float | None = None
-    frac_lr_scale: float = 100.0
+    frac_lr_scale: float = 30.0
     optimizer: str = "adam"
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -177,68 +180,6 @@ class Callback:
 
     def on_epoch_end(self, record: dict[str, Any]) -> None:
         """After each epoch's evaluation and checkpoint; ``record`` is its history entry."""
-
-
-# ------------------------------------------------------------------------------- evaluation
-def evaluate(model: nn.Module, data: Dataset | DataLoader, task: str = "classification", *,
-             batch_size: int = 512, device: torch.device | str | None = None,
-             ctx: dist_util.DistContext | None = None) -> dict[str, float]:
-    """Mean loss (cross-entropy or MSE) and, for classification, accuracy of ``model`` on ``data``.
-
-    Runs in the model's own dtype (a FixedPointModel in float64 is the exact fixed-point forward
-    pass), without gradients. Under DDP each rank evaluates its part of a Dataset and the sums
-    are combined, so every rank returns the same numbers.
-    """
-    ctx = ctx or dist_util.DistContext()
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    loss_sum, correct, count = 0.0, 0.0, 0.0
-    with torch.no_grad():
-        for x, y in eval_batches(data, batch_size, ctx.rank, ctx.world):
-            if y is None:
-                raise QfxError("evaluation data has no targets (y)")
-            out = model(x.to(device))
-            y = y.to(device)
-            loss_sum += float(_loss_sum(out, y, task))
-            if task == "classification":
-                correct += float((out.argmax(dim=-1) == y).sum())
-            count += len(x)
-    model.train(was_training)
-    if not isinstance(data, DataLoader):
-        loss_sum, correct, count = dist_util.all_sum(ctx, [loss_sum, correct, count])
-    if count == 0:
-        raise QfxError("the evaluation set is empty")
-    metrics = {"loss": loss_sum / count, "count": int(count)}
-    if task == "classification":
-        metrics["accuracy"] = correct / count
-    return metrics
-
-
-def _loss_sum(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    """Sum over the samples of the per-sample loss (MSE: mean over a sample's outputs)."""
-    if task == "classification":
-        if out.dim() != 2:
-            raise QfxError(f"classification needs (batch, classes) logits, the model gives shape {tuple(out.shape)}")
-        if y.dtype.is_floating_point or y.dim() != 1:
-            raise QfxError("classification needs integer class labels of shape (batch,); use --task regression for real targets")
-        if len(y) and int(y.max()) >= out.shape[1]:
-            raise QfxError(f"label {int(y.max())} is out of range for a model with {out.shape[1]} outputs")
-        return F.cross_entropy(out, y, reduction="sum")
-    target = y.to(out.dtype)
-    if target.numel() != out.numel():
-        raise QfxError(f"regression targets of shape {tuple(y.shape)} do not match outputs of shape {tuple(out.shape)}")
-    per_sample = max(out[0].numel(), 1) if len(out) else 1
-    return F.mse_loss(out, target.reshape(out.shape), reduction="sum") / per_sample
-
-
-def _better(a: dict[str, float], b: dict[str, float] | None, task: str) -> bool:
-    """Whether metrics ``a`` beat ``b`` (accuracy first, then loss; regression: loss)."""
-    if b is None:
-        return True
-    if task == "classification" and a["accuracy"] != b["accuracy"]:
-        return a["accuracy"] > b["accuracy"]
-    return a["loss"] < b["loss"]
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -381,7 +322,8 @@ class _Run:
         self.model.to(self.device, torch.float64)
         self.fingerprint = {**cfg.fingerprint(), "model": _state_hash(self.model),
                             "structure": hashlib.sha256(repr(describe(self.model)).encode()).hexdigest()[:16],
-                            "train_samples": self.batches.n if self.batches else len(self.loader.dataset)}
+                            "train_samples": self.batches.n if self.batches else None,
+                            "steps_per_epoch": self.steps_per_epoch}
         self.net = copy.deepcopy(self.model).to(DTYPES[cfg.train_dtype])
         self.net.train()
         if self.ctx.active:
@@ -444,7 +386,7 @@ class _Run:
         record = {"epoch": epoch, "train_loss": train_loss, "lr": self.opt.param_groups[0]["lr"], "seconds": seconds}
         if metrics is not None:
             record.update({f"eval_{k}": v for k, v in metrics.items() if k != "count"})
-        improved = metrics is None or _better(metrics, self.best["metrics"] if self.best else None, self.cfg.task)
+        improved = metrics is None or better(metrics, self.best["metrics"] if self.best else None, self.cfg.task)
         if improved:
             self.best = {"epoch": epoch, "metrics": metrics, "state": _clone_state(self.net)}
             self.bad_epochs = 0
@@ -474,7 +416,7 @@ class _Run:
         y = batch.y.to(self.device, non_blocking=True)
         self.frac_factor = math.sqrt(batch.size / batch.global_size) if batch.size else 0.0
         out = self.ddp(x)
-        total = _loss_sum(out, y, self.cfg.task)
+        total = loss_sum(out, y, self.cfg.task)
         if batch.size == 0:
             total = total * 0.0  # a placeholder sample: take part in DDP's all-reduce, add nothing
         loss = total * (self.ctx.world / batch.global_size)
@@ -531,11 +473,11 @@ class _Run:
                     cb.on_step(self.epoch + 1, self.step, value / max(batch.size, 1))
                 if dist_util.any_rank(self.ctx, flag.requested):
                     raise KeyboardInterrupt
-            loss_sum, count = dist_util.all_sum(self.ctx, [self.loss_sum, self.loss_count])
+            epoch_loss, count = dist_util.all_sum(self.ctx, [self.loss_sum, self.loss_count])
             metrics = self._evaluate()
             self.epoch, self.step = self.epoch + 1, 0
             self.loss_sum, self.loss_count = 0.0, 0.0
-            record = self._record(self.epoch, metrics, loss_sum / max(count, 1), time.perf_counter() - t0)
+            record = self._record(self.epoch, metrics, epoch_loss / max(count, 1), time.perf_counter() - t0)
             if cfg.patience is not None and self.bad_epochs >= cfg.patience:
                 self.stopped_early = True
             self._save()

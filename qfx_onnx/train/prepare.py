@@ -136,9 +136,11 @@ def _like(old: BinaryPointQuantizer, width: int, **changes) -> BinaryPointQuanti
 
 def _calibrate_activations(model: FixedPointModel, quantizers: list[BinaryPointQuantizer],
                            calib: Iterable[torch.Tensor], method: str) -> None:
+    # The new casts observe with their quantization off: upstream values are what PTQ would see.
+    enabled = [q.enabled for q in quantizers]
     for q in quantizers:
         q.reset_observer()
-        q.observing = True
+        q.observing, q.enabled = True, False
     seen = False
     try:
         with torch.no_grad():
@@ -146,8 +148,8 @@ def _calibrate_activations(model: FixedPointModel, quantizers: list[BinaryPointQ
                 model(x.to(next(model.parameters()).device))
                 seen = True
     finally:
-        for q in quantizers:
-            q.observing = False
+        for q, on in zip(quantizers, enabled):
+            q.observing, q.enabled = False, on
     if not seen:
         raise QfxError("changing an activation width needs calibration data (the training set was empty)")
     for q in quantizers:
