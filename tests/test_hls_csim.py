@@ -163,15 +163,18 @@ def test_cnn_stream_io_is_bit_exact(tmp_path):
     assert result.report["totals"]["interval_cycles"] < result.report["totals"]["latency_cycles"]
 
 
-@pytest.mark.parametrize("build", [zoo.zoo2d, zoo.zoo1d], ids=["zoo2d", "zoo1d"])
-def test_every_layer_kind_is_bit_exact(build, tmp_path):
+@pytest.mark.parametrize("build, io", [(zoo.zoo2d, "stream"), (zoo.zoo1d, "parallel")], ids=["zoo2d", "zoo1d"])
+def test_every_layer_kind_is_bit_exact(build, io, tmp_path):
     model = build()
     x = torch.from_numpy(zoo.inputs_for(model, 64))
     fpm = quantize_graph(load_onnx(model), [x])
-    result = simulate(fpm, tmp_path / build.__name__, build.__name__, x=x, reuse_factor=2)
+    result = simulate(fpm, tmp_path / build.__name__, build.__name__, x=x, reuse_factor=2, io=io)
     kinds = {layer.kind for layer in result.model.layers}
     if build is zoo.zoo2d:
-        assert kinds == {"conv", "map", "remap", "concat", "pool", "reduce", "dense"}
+        # stream io: arrays read by several layers get fanout copies (one reader each under DATAFLOW)
+        assert kinds == {"conv", "map", "remap", "concat", "pool", "reduce", "dense", "fanout"}
+        readers = [x.ident for layer in result.model.layers for x in layer.inputs]
+        assert len(readers) == len(set(readers))
         steps = {s.kind for layer in result.model.layers for s in layer.steps}
         assert "lut" in steps
         assert len(result.model.outputs) == 2

@@ -180,7 +180,7 @@ def test_cli_options_reach_the_project(tmp_path):
 
 # ------------------------------------------------------------------------------------ K-hot
 def test_khot_max_selects_weights_whose_codes_have_few_digits(tmp_path):
-    from qfx_onnx.hls.export import csd_digits
+    from qfx_onnx.hls.shift_add import csd_digits
 
     for code in range(-300, 301):
         assert sum(s * 2**p for s, p in csd_digits(code)) == code

@@ -253,6 +253,40 @@ ScatterInputs:
   }
 }
 
+// A concat as one function (one writer of y, as DATAFLOW requires): the parts' scatters, inlined.
+template <class a_T, class b_T, class res_T, class CONFIG_T>
+void concat2(const a_T a[CONFIG_T::p0::n_in], const b_T b[CONFIG_T::p1::n_in], res_T y[CONFIG_T::n_out]) {
+  scatter<a_T, res_T, typename CONFIG_T::p0>(a, y);
+  scatter<b_T, res_T, typename CONFIG_T::p1>(b, y);
+}
+
+template <class a_T, class b_T, class c_T, class res_T, class CONFIG_T>
+void concat3(const a_T a[CONFIG_T::p0::n_in], const b_T b[CONFIG_T::p1::n_in], const c_T c[CONFIG_T::p2::n_in],
+             res_T y[CONFIG_T::n_out]) {
+  scatter<a_T, res_T, typename CONFIG_T::p0>(a, y);
+  scatter<b_T, res_T, typename CONFIG_T::p1>(b, y);
+  scatter<c_T, res_T, typename CONFIG_T::p2>(c, y);
+}
+
+template <class a_T, class b_T, class c_T, class d_T, class res_T, class CONFIG_T>
+void concat4(const a_T a[CONFIG_T::p0::n_in], const b_T b[CONFIG_T::p1::n_in], const c_T c[CONFIG_T::p2::n_in],
+             const d_T d[CONFIG_T::p3::n_in], res_T y[CONFIG_T::n_out]) {
+  scatter<a_T, res_T, typename CONFIG_T::p0>(a, y);
+  scatter<b_T, res_T, typename CONFIG_T::p1>(b, y);
+  scatter<c_T, res_T, typename CONFIG_T::p2>(c, y);
+  scatter<d_T, res_T, typename CONFIG_T::p3>(d, y);
+}
+
+// Two copies of an array read by two layers (--io stream: one reader per array under DATAFLOW).
+template <class T, int N> void fanout2(const T x[N], T a[N], T b[N]) {
+FanoutCopy:
+  for (int i = 0; i < N; i++) {
+#pragma HLS PIPELINE II = 1
+    a[i] = x[i];
+    b[i] = x[i];
+  }
+}
+
 // ------------------------------------------------------------------------------------ element-wise
 // y[i] = epilogue(head(i, inputs...)): residual add/sub/mul, or any chain on an array.
 template <class a_T, class res_T, class CONFIG_T>

@@ -129,3 +129,4 @@ class HlsModel:
     inputs: list[Buffer]
     outputs: list[Buffer]
     input_nodes: list = field(default_factory=list)  # the fx cast node behind each input port
+    aux_names: dict[str, str] = field(default_factory=dict)  # "<port>:buf"/":stream" -> unique identifiers

@@ -28,12 +28,13 @@ import torch
 from qfx_onnx.errors import ExportError
 from qfx_onnx.fixed.types import FixedType
 from qfx_onnx.hls import codegen
-from qfx_onnx.hls.codegen import khot_term_type
+from qfx_onnx.hls.cpp_layers import LAYERS_H
 from qfx_onnx.hls.csim import CsimResult, run_csim
 from qfx_onnx.hls.estimate import estimate
 from qfx_onnx.hls.export import ExportOptions, build_hls_model
 from qfx_onnx.hls.model import HlsModel
 from qfx_onnx.hls.names import Namer, top_name
+from qfx_onnx.hls.shift_add import khot_term_type
 
 DEFAULT_PART = "xcvu9p-flga2104-2-e"
 
@@ -125,10 +126,11 @@ def render_files(model: HlsModel, report: dict, params: dict, in_codes: np.ndarr
     """Every file of the project, by relative path."""
     p = dict(params, top=model.top, ctypes=model.ctypes, constants=model.constants, layers=model.layers,
              buffers=model.buffers, inputs=model.inputs, outputs=model.outputs,
-             ports=model.inputs + model.outputs, report=report, n_vectors=len(in_codes))
+             ports=model.inputs + model.outputs, aux_names=model.aux_names, report=report,
+             n_vectors=len(in_codes))
     files = {
         "firmware/defines.h": codegen.render_defines(p),
-        "firmware/layers.h": codegen.LAYERS_H,
+        "firmware/layers.h": LAYERS_H,
         "firmware/parameters.h": codegen.render_parameters(p),
         f"firmware/{model.top}.h": codegen.render_top_h(p),
         f"firmware/{model.top}.cpp": codegen.render_top_cpp(p),
