@@ -218,3 +218,19 @@ def test_report_counts_products_per_layer(tmp_path):
     assert totals["weight_bits"] == sum(c.size * c.ctype.type.width for c in result.model.constants)
     readme = (tmp_path / "cnn" / "README.md").read_text()
     assert "DSP48E2" in readme and "BRAM18K" in readme
+
+
+def test_outputs_that_are_inputs_or_read_elsewhere_get_their_own_port(tmp_path):
+    from onnx import helper
+
+    from test_hls_csim import simulate
+
+    n = helper.make_node
+    model = zoo._model([n("Identity", ["x"], ["y1"], name="id"), n("Relu", ["x"], ["y2"], name="r"),
+                        n("Sigmoid", ["x"], ["y3"], name="s")], [zoo._vi("x", ["N", 5])], ["y1", "y2", "y3"], {})
+    x = torch.from_numpy(zoo.inputs_for(model, 32))
+    fpm = quantize_graph(load_onnx(model), [x])
+    result = simulate(fpm, tmp_path / "io", "io", x=x, io="stream")
+    assert len(result.model.outputs) == 3 and len({b.ident for b in result.model.outputs}) == 3
+    assert "copy" in {layer.op for layer in result.model.layers}
+

@@ -58,6 +58,7 @@ class LayerEstimate:
     layer: str
     kind: str
     op: str
+    onnx_node: str  # the ONNX node behind the layer's head (raw text, JSON-escaped in report.json)
     multiplies: dict = field(default_factory=dict)  # "a x b" -> products per inference
     multipliers: int = 0
     dsp: int = 0
@@ -99,7 +100,7 @@ def _constants(layer: Layer) -> list[Constant]:
 
 
 def estimate_layer(layer: Layer, reuse: int) -> LayerEstimate:
-    est = LayerEstimate(layer.ident, layer.kind, layer.op)
+    est = LayerEstimate(layer.ident, layer.kind, layer.op, layer.source)
     iters = _iterations(layer)
     est.iterations = iters
     depth = 2

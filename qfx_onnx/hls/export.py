@@ -399,7 +399,7 @@ class _Builder(HeadsMixin):
             if group.kind == "input" or buf.ident in used or readers.get(buf.ident, 0) > 0:
                 out = Buffer(self.names.name(buf.source + "_out", "x_"), buf.ctype, buf.shape, buf.source)
                 copies.append(Layer(self.names.name("copy_" + buf.source, "l_"), "map", [buf], out, buf.ctype,
-                                    source=buf.source, op="copy"))
+                                    params=dict(n_out=buf.size, read_index="i"), source=buf.source, op="copy"))
                 buf = out
             used.add(buf.ident)
             ports.append(buf)
