@@ -200,89 +200,99 @@ def render_khot_helpers(patterns: set[str]) -> str:
     return "namespace qfx {\n" + "\n".join(out) + "\n}  // namespace qfx" if out else ""
 
 
-def render_config(layer: Layer, options: dict) -> str:
-    """The ``config_<layer>`` struct(s): sizes, types, index maps, epilogue, K-hot mac."""
+def _ints(names: tuple[str, ...], p: dict) -> list[str]:
+    return [f"static const int {k} = {p[k]};" for k in names]
+
+
+def _table_fn(fn: str, var: str, values: np.ndarray) -> str:
+    table = _lines([str(v) for v in values.tolist()], 16, "      ")
+    return (f"static int {fn}(int {var}) {{\n    static const int table[{values.size}] = {{\n{table}\n    }};\n"
+            f"    return table[{var}];\n  }}")
+
+
+WINDOW = ("in_h", "in_w", "out_h", "out_w", "k_h", "k_w", "stride_h", "stride_w", "pad_top", "pad_left", "dil_h", "dil_w")
+
+
+def _linear_members(layer: Layer, rf: int, term_types: dict) -> tuple[list[str], set[str]]:
+    """dense/conv: types, sizes, partitioning, and the K-hot ``mac`` (with its sign patterns)."""
+    p, w, b = layer.params, layer.weight, layer.bias
+    members = [f"typedef {layer.head_type.ident} accum_t;", f"typedef {w.ctype.ident} weight_t;",
+               f"typedef {b.ctype.ident if b else 'ap_ufixed<1, 1>'} bias_t;",
+               f"static const bool has_bias = {'true' if b else 'false'};", f"static const int n_bias = {b.size if b else 1};"]
+    dense = layer.kind == "dense"
+    per_iter = p["n_in"] * p["n_out"] if dense else p["n_filt"] * p["chan_per_group"] * p["k_h"] * p["k_w"]
+    members += [f"static const int unroll_factor = {max(1, math.ceil(per_iter / rf))};",
+                f"static const int n_partition = {max(1, math.ceil(w.size / rf))};"]
+    members += _ints(("n_rows", "n_in", "n_out") if dense else
+                     ("n_chan", "n_filt", "groups", "chan_per_group", "filt_per_group") + WINDOW, p)
+    if not w.khot:
+        return members, set()
+    mac, patterns = render_mac(layer, term_types[layer.ident].ident, "x")
+    n_acc, n_x = (p["n_out"], p["n_in"]) if dense else (p["n_filt"], p["n_chan"] * p["k_h"] * p["k_w"])
+    members.append(f"static void mac(const {layer.inputs[0].ctype.ident} x[{n_x}], accum_t acc[{n_acc}]) {{\n"
+                   f"#pragma HLS INLINE\n{_indent(mac, 2)}\n}}")
+    return members, patterns
+
+
+def _map_members(layer: Layer) -> list[str]:
+    """map: sizes and ``head(i, a, b, c)``, the element-wise op on the data inputs (or a read)."""
+    p = layer.params
+    names = ("a", "b", "c")
+    args = ", ".join(f"const {b.ctype.ident} {nm}[{b.size}]" for nm, b in zip(names, layer.inputs))
+    members = [f"static const int n_out = {p['n_out']};"]
+    members += [f"static const int n_{nm} = {b.size};" for nm, b in zip(names, layer.inputs)]
+    body = [f"return a[{p['read_index']}];"] if layer.head is None else render_op(layer.head, "h", "a") + ["return h;"]
+    members.append(f"static head_t head(int i, {args}) {{\n#pragma HLS INLINE\n{_indent(body, 2)}\n}}")
+    return members
+
+
+def render_config(layer: Layer, options: dict) -> tuple[str, set[str]]:
+    """The ``config_<layer>`` struct(s) (sizes, types, index maps, epilogue, K-hot mac) and the
+    K-hot sign patterns it uses."""
     p = layer.params
     name = f"config_{layer.ident}"
-    res = layer.output.ctype.ident
-    rf = options["reuse_factor"]
-    members = [f"typedef {layer.head_type.ident} head_t;", f"typedef {res} res_t;",
-               f"static const int reuse_factor = {rf};"]
-    extra_structs = []
+    members = [f"typedef {layer.head_type.ident} head_t;", f"typedef {layer.output.ctype.ident} res_t;",
+               f"static const int reuse_factor = {options['reuse_factor']};"]
+    extra, patterns = [], set()
     if layer.kind in ("dense", "conv"):
-        w, b = layer.weight, layer.bias
-        members += [f"typedef {layer.head_type.ident} accum_t;", f"typedef {w.ctype.ident} weight_t;",
-                    f"typedef {b.ctype.ident if b else 'ap_ufixed<1, 1>'} bias_t;",
-                    f"static const bool has_bias = {'true' if b else 'false'};",
-                    f"static const int n_bias = {b.size if b else 1};"]
-        per_iter = p["n_in"] * p["n_out"] if layer.kind == "dense" else p["n_filt"] * p["chan_per_group"] * p["k_h"] * p["k_w"]
-        members += [f"static const int unroll_factor = {max(1, math.ceil(per_iter / rf))};",
-                    f"static const int n_partition = {max(1, math.ceil(w.size / rf))};"]
-        if layer.kind == "dense":
-            members += [f"static const int n_rows = {p['n_rows']};", f"static const int n_in = {p['n_in']};",
-                        f"static const int n_out = {p['n_out']};"]
+        more, patterns = _linear_members(layer, options["reuse_factor"], options["term_types"])
+        members += more
+    elif layer.kind in ("pool", "reduce"):
+        members += [f"typedef {layer.head_type.ident} accum_t;",
+                    f"static const bool is_max = {'true' if p['is_max'] else 'false'};"]
+        if layer.kind == "pool":
+            members += _ints(("n_chan",) + WINDOW, p)
         else:
-            members += [f"static const int {k} = {p[k]};" for k in (
-                "n_chan", "n_filt", "groups", "chan_per_group", "filt_per_group", "in_h", "in_w", "out_h", "out_w",
-                "k_h", "k_w", "stride_h", "stride_w", "pad_top", "pad_left", "dil_h", "dil_w")]
-        if w.khot:
-            data_t = layer.inputs[0].ctype
-            tt = options["term_types"][layer.ident]
-            n_acc = p["n_out"] if layer.kind == "dense" else p["n_filt"]
-            n_x = p["n_in"] if layer.kind == "dense" else p["n_chan"] * p["k_h"] * p["k_w"]
-            mac, patterns = render_mac(layer, tt.ident, "x")
-            options.setdefault("khot_patterns", set()).update(patterns)
-            members.append(f"static void mac(const {data_t.ident} x[{n_x}], accum_t acc[{n_acc}]) {{\n"
-                           f"#pragma HLS INLINE\n{_indent(mac, 2)}\n}}")
-    elif layer.kind == "pool":
-        members += [f"typedef {layer.head_type.ident} accum_t;", f"static const bool is_max = {'true' if p['is_max'] else 'false'};"]
-        members += [f"static const int {k} = {p[k]};" for k in (
-            "n_chan", "in_h", "in_w", "out_h", "out_w", "k_h", "k_w", "stride_h", "stride_w", "pad_top",
-            "pad_left", "dil_h", "dil_w")]
-    elif layer.kind == "reduce":
-        members += [f"typedef {layer.head_type.ident} accum_t;", f"static const bool is_max = {'true' if p['is_max'] else 'false'};",
-                    f"static const int n_in = {p['n_in']};", f"static const int n_out = {p['n_out']};",
-                    f"static const int n_red = {p['n_red']};",
-                    f"static int in_index(int o, int r) {{ return {p['out_part']} + {p['red_part']}; }}"]
+            members += _ints(("n_in", "n_out", "n_red"), p)
+            members.append(f"static int in_index(int o, int r) {{ return {p['out_part']} + {p['red_part']}; }}")
     elif layer.kind == "remap":
-        table = _lines([str(v) for v in p["table"].tolist()], 16, "      ")
-        members += [f"static const int n_in = {p['n_in']};", f"static const int n_out = {p['n_out']};",
-                    f"static int src(int i) {{\n    static const int table[{p['n_out']}] = {{\n{table}\n    }};\n"
-                    f"    return table[i];\n  }}"]
+        members += _ints(("n_in", "n_out"), p) + [_table_fn("src", "i", p["table"])]
     elif layer.kind == "concat":
-        members += [f"static const int n_out = {p['n_out']};"]
+        members += _ints(("n_out",), p)
         for k, (src, dst) in enumerate(zip(layer.inputs, p["dst"])):
-            table = _lines([str(v) for v in dst.tolist()], 16, "      ")
-            extra_structs.append(
-                f"struct {name}_p{k} : {name} {{\n  static const int n_in = {src.size};\n"
-                f"  static int dst(int j) {{\n    static const int table[{src.size}] = {{\n{table}\n    }};\n"
-                f"    return table[j];\n  }}\n}};")
+            extra.append(f"struct {name}_p{k} : {name} {{\n  static const int n_in = {src.size};\n"
+                         f"  {_table_fn('dst', 'j', dst)}\n}};")
+        parts = [f"typedef {name}_p{k} p{k};" for k in range(len(layer.inputs))]  # for concat2/3/4
+        extra.append(f"struct {name}_all : {name} {{\n{_indent(parts, 2)}\n}};")
     elif layer.kind == "map":
-        members += [f"static const int n_out = {p['n_out']};"]
-        names = ("a", "b", "c")
-        args = ", ".join(f"const {b.ctype.ident} {nm}[{b.size}]" for nm, b in zip(names, layer.inputs))
-        members += [f"static const int n_{nm} = {b.size};" for nm, b in zip(names, layer.inputs)]
-        if layer.head is None:
-            body = [f"return a[{p.get('read_index', 'i')}];"]
-        else:
-            body = render_op(layer.head, "h", "a") + ["return h;"]
-        members.append(f"static head_t head(int i, {args}) {{\n#pragma HLS INLINE\n{_indent(body, 2)}\n}}")
+        members += _map_members(layer)
     chain, last = render_chain(layer.steps, layer.head_type)
     members.append(f"static res_t epilogue(const head_t &v0, int i) {{\n#pragma HLS INLINE\n"
                    f"{_indent(chain + [f'return {last};'], 2)}\n}}")
-    if layer.kind == "concat":  # the parts, gathered for concat2/3/4
-        parts = [f"typedef {name}_p{k} p{k};" for k in range(len(layer.inputs))]
-        extra_structs.append(f"struct {name}_all : {name} {{\n{_indent(parts, 2)}\n}};")
     struct = f"struct {name} {{\n{_indent(members, 2)}\n}};"
-    return "\n\n".join([struct] + extra_structs)
+    return "\n\n".join([struct] + extra), patterns
 
 
 def render_parameters(p: dict) -> str:
     includes = "\n".join(f'#include "weights/{c.ident}.h"' for c in p["constants"])
-    p = dict(p, khot_patterns=set())
-    configs = "\n\n".join(f"// {layer.ident}: {layer.kind} ({layer.op})\n{render_config(layer, p)}"
-                          for layer in p["layers"] if layer.kind != "fanout")
-    helpers = render_khot_helpers(p["khot_patterns"])
+    configs, patterns = [], set()
+    for layer in p["layers"]:
+        if layer.kind != "fanout":  # fanout2 needs no configuration
+            text, used = render_config(layer, p)
+            configs.append(f"// {layer.ident}: {layer.kind} ({layer.op})\n{text}")
+            patterns |= used
+    configs = "\n\n".join(configs)
+    helpers = render_khot_helpers(patterns)
     return f"""// parameters.h: per-layer configuration (sizes, types, index maps, fused element-wise chains).
 // Generated by qfx-onnx export-hls.
 #ifndef QFX_PARAMETERS_H_
