@@ -28,7 +28,7 @@ def report_table(report: dict) -> Table:
     for col in ("layer", "kind", "multiplies (bits)", "DSP", "LUT", "shift-add", "weight bits", "BRAM18K", "latency"):
         table.add_column(col, justify="left" if col in ("layer", "kind", "multiplies (bits)") else "right")
     for e in report["layers"]:
-        mults = ", ".join(f"{n} x {k}" for k, n in e["multiplies"].items()) or "-"
+        mults = ", ".join(f"{k}: {m['count']}" for k, m in e["multiplies"].items()) or "-"
         table.add_row(e["layer"], e["kind"], mults, str(e["dsp"]), str(e["lut"]), str(e["shift_add_terms"]),
                       str(e["weight_bits"]), str(e["bram18"]), str(e["latency"]))
     t = report["totals"]

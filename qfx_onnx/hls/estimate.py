@@ -59,7 +59,8 @@ class LayerEstimate:
     kind: str
     op: str
     onnx_node: str  # the ONNX node behind the layer's head (raw text, JSON-escaped in report.json)
-    multiplies: dict = field(default_factory=dict)  # "a x b" -> products per inference
+    # "a x b" (operand widths, or "a x K-hot") -> products per inference, multipliers, DSPs, LUTs
+    multiplies: dict = field(default_factory=dict)
     multipliers: int = 0
     dsp: int = 0
     lut: int = 0
@@ -108,18 +109,18 @@ def estimate_layer(layer: Layer, reuse: int) -> LayerEstimate:
         per_iter = max(1, math.ceil(prod.count / max(1, iters)))
         instances = math.ceil(per_iter / reuse)
         if prod.khot_terms:
-            terms_per_iter = math.ceil(prod.khot_terms / max(1, iters))
+            key, dsp, lut = f"{prod.a.width} x K-hot", 0, math.ceil(prod.khot_terms / max(1, iters) / reuse) * prod.acc_width
             est.shift_add_terms += prod.khot_terms
-            est.lut += math.ceil(terms_per_iter / reuse) * prod.acc_width
-            est.multiplies[f"{prod.a.width} x K-hot"] = est.multiplies.get(f"{prod.a.width} x K-hot", 0) + prod.count
+            instances = 0
         else:
-            key = f"{prod.a.width} x {prod.b.width}"
-            est.multiplies[key] = est.multiplies.get(key, 0) + prod.count
-            est.multipliers += instances
-            dsp = dsp_per_product(prod.a, prod.b)
-            est.dsp += instances * dsp
-            if dsp == 0:
-                est.lut += instances * prod.a.width * prod.b.width
+            key, dsp = f"{prod.a.width} x {prod.b.width}", dsp_per_product(prod.a, prod.b) * instances
+            lut = 0 if dsp else instances * prod.a.width * prod.b.width
+        entry = est.multiplies.setdefault(key, dict(count=0, multipliers=0, dsp=0, lut=0))
+        for k, v in (("count", prod.count), ("multipliers", instances), ("dsp", dsp), ("lut", lut)):
+            entry[k] += v
+        est.multipliers += instances
+        est.dsp += dsp
+        est.lut += lut
         if layer.kind in ("dense", "conv") and prod is layer.products[0]:
             terms = prod.count // max(1, layer.output.size)
             depth = max(depth, math.ceil(math.log2(max(terms, 1))) + 2)
