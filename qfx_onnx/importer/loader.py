@@ -23,7 +23,7 @@ from qfx_onnx.errors import OnnxModelError
 from qfx_onnx.importer import elementwise_ops, linear_ops, pool_ops, shape_ops, spatial_ops  # noqa: F401 - registers converters
 from qfx_onnx.importer.context import GraphBuilder, NodeContext, OnnxInfo, TensorInfo
 from qfx_onnx.importer.fold import fold_constants, plan_folding
-from qfx_onnx.importer.reader import read_model
+from qfx_onnx.importer.reader import read_model, weight_free
 from qfx_onnx.importer.registry import DEFAULT_DOMAINS, Unsupported, check_opset, find_converter, find_unsupported, unsupported_error
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 class PreparedModel:
     """A checked, shape-inferred model ready to fold and convert.
 
+    ``model`` is weight-free (see :func:`~qfx_onnx.importer.reader.weight_free`): the values of
+    all initializers are in ``constants``, and those of large float ones only there.
     ``names`` holds each node's name (``f"{op_type}_{index}"`` when it has none, made unique);
     ``folded`` the indices of nodes computed at import; ``unsupported`` the ops with no converter
     (empty unless :func:`prepare` was asked not to raise).
@@ -63,10 +65,12 @@ def prepare(source: str | os.PathLike | onnx.ModelProto, *, raise_unsupported: b
     """Stages 1-2: read and check the model, infer shapes, plan folding, check op support."""
     model, label = read_model(source)
     opset = check_opset(_default_opset(model), label)
-    model = _infer_shapes(model, label)
+    constants = _initial_constants(model.graph, label)
+    # From here on only a copy without the weights' data: the full model is freed on return
+    # when the caller does not hold it.
+    model = _infer_shapes(weight_free(model), label)
     graph = model.graph
     names = _node_names(graph)
-    constants = _initial_constants(graph, label)
     infos = _tensor_infos(graph, constants)
     folded = plan_folding(graph.node, set(constants), infos)
     remaining = [(names[i], node) for i, node in enumerate(graph.node) if i not in folded]
@@ -153,7 +157,8 @@ def _initial_constants(graph: onnx.GraphProto, label: str) -> dict[str, np.ndarr
     if len(graph.sparse_initializer):
         raise OnnxModelError(f"{label}: sparse initializers are not supported")
     try:
-        return {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+        # One at a time, each a writable array of its own, not a view of the proto's bytes.
+        return {t.name: onnx.numpy_helper.to_array(t).copy() for t in graph.initializer}
     except Exception as exc:
         raise OnnxModelError(f"{label}: cannot read an initializer ({exc})") from None
 

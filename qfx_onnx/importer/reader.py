@@ -11,6 +11,13 @@ from onnx import external_data_helper
 
 from qfx_onnx.errors import OnnxModelError
 
+# Initializers above this many elements are left out of the copies that the checker and shape
+# inference see: both serialize the whole model, so each would otherwise hold the weights twice
+# more. Smaller tensors stay, as do all non-float ones (Reshape shapes, Slice bounds, ...), which
+# shape inference's data propagation reads.
+_WEIGHT_FREE_MIN_ELEMENTS = 1024
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
 
 def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     """The checked ModelProto of ``source`` (a path or a ModelProto) and a name for messages.
@@ -35,10 +42,54 @@ def read_model(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelP
             raise OnnxModelError(f"{label}: not a readable ONNX model ({_reason(exc)})") from None
         _load_external_data(model, path.parent, label)
     try:
-        onnx.checker.check_model(model)
+        for tensor in model.graph.initializer:
+            if _is_large_weight(tensor):  # weight_free() drops its data: check it on its own
+                onnx.checker.check_tensor(tensor)
+        onnx.checker.check_model(weight_free(model))
     except Exception as exc:  # ValidationError, or a C++ error for malformed protos
         raise OnnxModelError(f"{label}: invalid ONNX model ({_reason(exc)})") from None
     return model, label
+
+
+def weight_free(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without the data of its large float initializers, for the checker and
+    shape inference.
+
+    Each float initializer of more than ``_WEIGHT_FREE_MIN_ELEMENTS`` elements in the main graph
+    becomes a graph input of the same element type and shape (unless it is one already); all else
+    is copied as it is. ``model`` is not modified, and its weights are never copied.
+    """
+    copy = onnx.ModelProto()
+    _copy_fields(model, copy, skip={"graph"})
+    graph, source = copy.graph, model.graph
+    _copy_fields(source, graph, skip={"initializer"})
+    inputs = {value.name for value in source.input}
+    for tensor in source.initializer:
+        if not _is_large_weight(tensor):
+            graph.initializer.append(tensor)
+        elif tensor.name not in inputs:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims))
+    return copy
+
+
+def _is_large_weight(tensor: onnx.TensorProto) -> bool:
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return tensor.data_type in _FLOAT_TYPES and count > _WEIGHT_FREE_MIN_ELEMENTS
+
+
+def _copy_fields(source, target, skip: set[str]) -> None:
+    """Copy every set field of protobuf message ``source`` into ``target`` except those in ``skip``."""
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def _reason(exc: Exception) -> str:
