@@ -51,7 +51,8 @@ def qat(model, train, test, epochs: int, learn: bool, lr: float, seed: int = 0) 
 
 
 def step_times(name: str, x_calib, train: ArrayDataset, batch: int = 64, steps: int = 30, repeats: int = 5) -> dict:
-    """Median seconds per training step (forward, backward, Adam) with casts on and off."""
+    """Median seconds per training step (forward, backward, Adam): casts off (``float``), casts on
+    with frozen binary points (``frozen``) and casts on with learned binary points (``qat``)."""
     model = ptq_model(name, x_calib, 8, 8, 8)
     out = {}
     for dtype in (torch.float32, torch.float64):
@@ -69,14 +70,16 @@ def step_times(name: str, x_calib, train: ArrayDataset, batch: int = 64, steps: 
                 opt.step()
             return (time.perf_counter() - t) / steps
 
-        samples = {True: [], False: []}
-        for _ in range(repeats):  # interleaved, so that machine load hits both alike
-            for enabled in (True, False):
-                net.set_casts_enabled(enabled)
+        samples: dict[str, list[float]] = {"qat": [], "frozen": [], "float": []}
+        for _ in range(repeats):  # interleaved, so that machine load hits every mode alike
+            for mode in samples:
+                net.set_casts_enabled(mode != "float")
+                for quant in net.quantizers().values():
+                    quant.frac.requires_grad_(mode == "qat")  # frozen: no frac gradient, Adam skips it
                 run()  # warm-up of this mode
-                samples[enabled].append(run())
+                samples[mode].append(run())
         key = str(dtype).removeprefix("torch.")
-        out[key] = {"qat": statistics.median(samples[True]), "float": statistics.median(samples[False])}
+        out[key] = {mode: statistics.median(v) for mode, v in samples.items()}
     return out
 
 
@@ -198,15 +201,17 @@ def render(results: dict, args) -> str:
     if results["timing"]:
         lines += ["", "Training step time (forward + backward + Adam, batch 64, median of 5 interleaved runs of 30 steps), "
                       "QAT with every cast against float training of the same graph with casts off (the same process; "
-                      "the machine was shared, so absolute times are noisy, the interleaving keeps ratios fair). "
-                      "The casts cost about 0.5 to 1 ms per activation tensor per step: 12 to 20 eager elementwise "
-                      "passes each (forward: scale, NaN guard, rounding, range state, overflow, rescale; backward: "
-                      "STE mask and the binary-point gradient), against convolutions that are tiny on 8x8 images. "
-                      "Training in float32 makes the QAT step 1.5 to 2x faster than in float64.", "",
-                  "| model | dtype | float step (ms) | QAT step (ms) | ratio |", "|---|---|---|---|---|"]
+                      "the machine was shared, so absolute times are noisy, the interleaving keeps ratios fair); "
+                      "`frozen BP` casts every tensor but learns no binary point. See `benchmarks/README.md` for "
+                      "where the remaining time goes.", "",
+                  "| model | dtype | float step (ms) | QAT frozen BP step (ms) | QAT step (ms) | frozen BP ratio | QAT ratio |",
+                  "|---|---|---|---|---|---|---|"]
         for name, t in results["timing"].items():
             for dtype, v in t.items():
-                lines.append(f"| {name} | {dtype} | {1e3 * v['float']:.1f} | {1e3 * v['qat']:.1f} | {v['qat'] / v['float']:.2f}x |")
+                frozen = v.get("frozen")
+                cells = (f"{1e3 * frozen:.1f} | ", f"{frozen / v['float']:.2f}x | ") if frozen else ("- | ", "- | ")
+                lines.append(f"| {name} | {dtype} | {1e3 * v['float']:.1f} | {cells[0]}{1e3 * v['qat']:.1f} | "
+                             f"{cells[1]}{v['qat'] / v['float']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 

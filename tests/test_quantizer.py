@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
+from torch import nn
 
 from qfx_onnx.fixed import FixedType, OverflowMode, QuantMode, cast
 from qfx_onnx.fixed.quantizer import FixedQuantizer
@@ -320,3 +321,144 @@ def test_cuda_matches_cpu():
     quant.calibrate(xc.detach(), "mse")
     quant.observe(xc.detach())
     quant.finalize("percentile")
+
+
+# ------------------------------------------------------------------------------ fast training path
+FAST_Q = [QuantMode.RND, QuantMode.RND_MIN_INF, QuantMode.TRN, QuantMode.TRN_ZERO, QuantMode.RND_CONV]
+FAST_TYPES = [(True, OverflowMode.SAT), (True, OverflowMode.SAT_SYM), (False, OverflowMode.SAT),
+              (False, OverflowMode.WRAP_SM)]  # unsigned AP_WRAP_SM saturates
+
+
+def _edge_inputs(dtype: torch.dtype, width: int, signed: bool, frac: int) -> torch.Tensor:
+    """Ties at half an LSB and their float neighbours (y = 0.5 - ulp/2, where floor(y + 0.5) is
+    wrong), range ends, both NaN signs, infinities, zeros, subnormals and huge values."""
+    lsb = 2.0**-frac
+    hi = 2 ** (width - 1 if signed else width)
+    codes = torch.cat([torch.arange(-4, 5), torch.arange(hi - 3, hi + 3), torch.arange(-hi - 3, -hi + 3)]).to(dtype)
+    ties = (codes + 0.5) * lsb
+    around = torch.cat([ties, torch.nextafter(ties, ties + 1), torch.nextafter(ties, ties - 1), codes * lsb])
+    nan = torch.tensor([float("nan")], dtype=dtype)
+    info = torch.finfo(dtype)
+    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), info.tiny, -info.tiny, info.tiny / 4,
+                             -info.tiny / 4, info.max, -info.max], dtype=dtype)
+    return torch.cat([around, -around, specials, nan, -nan])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("q", FAST_Q)
+def test_fast_path_is_bit_identical_to_cast_on_edge_values(dtype, q):
+    fracs = [0, 1, 7, 20, 126] + ([127, 600] if dtype == torch.float64 else [])
+    for signed, o in FAST_TYPES:
+        for width in (1, 2, 8, 16, 21):
+            for f in fracs:
+                quant = FixedQuantizer(width, signed, q, o, frac=float(f))
+                x = _edge_inputs(dtype, width, signed, f).requires_grad_(True)
+                got = quant(x)
+                assert quant._plan_cache.fast is not None, (q, o, width, f)
+                want = cast(x.detach(), FixedType(width, width - f, signed, q, o))
+                assert torch.equal(_bits(got.detach()), _bits(want)), (q, o, signed, width, f)
+
+
+def test_negative_nan_saturates_low_and_positive_nan_high():
+    # x86 arithmetic makes NaN with the sign bit set (0 * inf); cast() reads it as -inf.
+    x = torch.tensor([float("nan"), 0.0]) * torch.tensor([1.0, float("inf")])
+    x = torch.cat([x, x.neg()])
+    quant = FixedQuantizer(8, True, "AP_RND", "AP_SAT", frac=4.0)
+    assert torch.equal(quant(x), cast(x, FixedType.parse("ap_fixed<8,4,AP_RND,AP_SAT>")))
+    assert sorted(quant(x).tolist()) == [-8.0, -8.0, 127 / 16, 127 / 16]
+
+
+def test_fast_path_declines_where_cast_changes_dtype_or_underflows():
+    x = torch.randn(10)
+    for width, f in ((8, -1), (8, 127), (25, 3)):
+        quant = FixedQuantizer(width, True, "AP_RND", "AP_SAT", frac=float(f))
+        assert torch.equal(quant(x), cast(x, FixedType(width, width - f, True, "AP_RND", "AP_SAT")))
+        assert quant._plan_cache.fast is None
+    for q, o in ((QuantMode.RND_ZERO, OverflowMode.SAT), (QuantMode.RND, OverflowMode.WRAP)):
+        quant = FixedQuantizer(8, True, q, o, frac=3.0)
+        quant(x)
+        assert quant._plan_cache.fast is None
+
+
+def _grads(quant: FixedQuantizer, x: torch.Tensor, weight: torch.Tensor):
+    quant.frac.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    (quant(x) * weight).sum().backward()
+    return x.grad, quant.frac.grad.clone()
+
+
+@FAST
+@given(width=st.integers(1, 16), signed=st.booleans(), q=st.sampled_from(FAST_Q),
+       o=st.sampled_from([OverflowMode.SAT, OverflowMode.SAT_SYM]), frac=st.integers(0, 12),
+       per_channel=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**32 - 1))
+def test_fast_path_gradients_match_the_general_path(width, signed, q, o, frac, per_channel, dtype, seed):
+    rng = np.random.default_rng(seed)
+    if per_channel:
+        quant = FixedQuantizer(width, signed, q, o, frac=[frac, frac + 2, 0], per_channel_axis=1, num_channels=3)
+        shape = (5, 3, 4)
+    else:
+        quant = FixedQuantizer(width, signed, q, o, frac=frac)
+        shape = (6, 7)
+    x = torch.tensor(_values(rng, shape, width, frac), dtype=dtype)
+    weight = torch.tensor(rng.standard_normal(shape), dtype=dtype)
+    grad_x, grad_frac = _grads(quant, x, weight)
+    assert quant._plan_cache.fast is not None
+    quant.fast_path = False
+    want_x, want_frac = _grads(quant, x, weight)
+    assert torch.equal(grad_x, want_x)
+    # The same terms g * d (|d| < 2**(W - F) + LSB), summed in another order: equal up to the
+    # rounding of the sums, which is relative to sum |g * d|.
+    eps = torch.finfo(dtype).eps
+    scale = math.log(2) / math.sqrt(x.numel() // quant.num_channels)
+    bound = weight.abs().sum().item() * 2.0 ** (width - min(quant.int_fracs()) + 1) * scale
+    assert torch.allclose(grad_frac, want_frac, rtol=0.0, atol=16 * eps * bound)
+
+
+def test_binary_points_are_read_back_once_per_change_of_frac(monkeypatch):
+    quant = FixedQuantizer(8, True, "AP_RND", "AP_SAT", frac=3.4)
+    x = torch.randn(100)
+    reads = []
+    original = FixedQuantizer.int_fracs
+    monkeypatch.setattr(FixedQuantizer, "int_fracs", lambda self: reads.append(1) or original(self))
+    for _ in range(3):
+        quant(x).sum().backward()
+    assert len(reads) == 1  # frozen between steps: no device-to-host read, same plan
+    plan = quant._plan_cache
+    opt = torch.optim.SGD(quant.parameters(), lr=1e-3)
+    opt.step()  # moves frac a little: its integer stays 3, so the constants are kept
+    quant(x)
+    assert len(reads) == 2 and quant._plan_cache is plan
+
+
+def test_every_way_of_changing_frac_reaches_the_forward_pass():
+    x = torch.randn(200, dtype=torch.float32) * 3
+    quant = FixedQuantizer(8, True, "AP_RND", "AP_SAT", frac=3.0)
+
+    def check(f):
+        want = cast(x.to(quant.frac.dtype), FixedType(8, 8 - f, True, "AP_RND", "AP_SAT"))
+        assert torch.equal(quant(x.to(quant.frac.dtype)), want)
+
+    check(3)
+    quant.set_frac(5.0)
+    check(5)
+    with torch.no_grad():
+        quant.frac.sub_(3.0)
+    check(2)
+    quant.frac.grad = torch.tensor(-10.0)
+    torch.optim.SGD(quant.parameters(), lr=0.1).step()
+    check(3)
+    quant.load_state_dict({"frac": torch.tensor(6.0)})
+    check(6)
+    quant.double()
+    check(6)
+    quant.frac = nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+    check(1)
+
+
+def test_forward_without_autograd_skips_the_bookkeeping():
+    quant = FixedQuantizer(8, True, "AP_RND", "AP_SAT", frac=4.0)
+    x = torch.randn(30, requires_grad=True)
+    with torch.no_grad():
+        y = quant(x)
+    assert y.grad_fn is None and not y.requires_grad
+    assert torch.equal(y, cast(x.detach(), FixedType.parse("ap_fixed<8,4,AP_RND,AP_SAT>")))

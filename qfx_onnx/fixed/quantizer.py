@@ -19,14 +19,24 @@ Gradients (straight-through estimators):
   multiplied by ``1 / sqrt(n * code_max)`` (``n`` elements per channel, ``code_max`` the largest
   code of the type, at least 1) so that the step's update is commensurate with the weights'.
 
-One device-to-host read of the C integer binary points happens per forward pass: the exact float
-path needs ``2**F`` as exact constants and chooses float32 or float64 the same way ``cast`` does.
+Speed. Quantization-aware training casts every tensor of a small network, so ``forward`` keeps
+per-call work low. The integer binary points and every constant derived from them (``2**F``,
+``2**-F``, the code bounds, as tensors on the input's device) are cached in a ``_Plan``,
+rebuilt only when ``frac`` changes (its version counter moves, as it does after an optimizer step
+or ``set_frac``; a change made through ``frac.data`` is not seen). Reading the integers back is the
+one device-to-host copy, once per change of ``frac``, none while it is frozen. The common types
+(``AP_SAT``/``AP_SAT_SYM``, ``AP_RND``/``AP_RND_MIN_INF``/``AP_TRN``/``AP_TRN_ZERO``/``AP_RND_CONV``,
+every F >= 0 and the work dtype of ``cast`` equal to the input's) take ``_fast_cast``: ten
+elementwise passes, mostly in place, with float (not boolean) masks, which CPU kernels vectorize;
+its rounding is restated on the grid of ``2**-(F+1)`` so that every intermediate stays exact (see
+``_fast_cast``). Other types take the general ``_quantize_with``. Both are bit-identical to ``cast``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -73,6 +83,121 @@ class _BinaryPointSTE(torch.autograd.Function):
         return grad_x, grad_frac, None, None, None, None, None, None
 
 
+@dataclasses.dataclass(frozen=True)
+class _FastConsts:
+    """Constants of ``_fast_cast`` for one set of binary points and one input dtype and device.
+
+    ``scale``, ``inv`` and ``neg_step`` broadcast along the channel axis of a per-channel quantizer
+    (``neg_step`` is a Python float for a per-tensor one: ``addcmul`` takes it as a scalar). The
+    rounding first maps ``y = x * 2**F`` onto the grid of ``2**-(k-1)`` (k = 2 for the two
+    round-to-nearest modes) and rounds there; ``second`` finishes the code.
+    """
+
+    axis: int | None
+    scale: torch.Tensor  # 2**(F + k - 1): x onto the grid of the first rounding step
+    inv: torch.Tensor  # 2**-F: codes back to values
+    neg_step: float | torch.Tensor  # -2**-(F + k - 1): the scaled input back to x, negated
+    first: Callable[..., torch.Tensor]  # torch.floor / ceil / trunc / round
+    second: str  # "up": floor((m + 1) / 2); "down": floor(m / 2); "": the code is m
+    code_lo: float  # range of m whose code lies in the type's code range
+    code_hi: float
+    big: float  # stands in for NaN and infinities: an integer beyond [code_lo, code_hi], exact
+    zero_fix: bool  # the code can be -0.0: add +0.0 (cast returns +0.0)
+    # 0-dim tensors on x's device: a Python number passed to mul/add/bitwise_and is wrapped into a
+    # new tensor on every call, which costs more than the operation itself on a small tensor.
+    half: torch.Tensor
+    zero: torch.Tensor
+    sign_mask: torch.Tensor  # int of the float's width with only the sign bit set
+    grad_factors: dict  # grad_scale -> -ln2 * grad_scale as a 0-dim tensor, filled by backward
+
+
+def _fast_cast(x: torch.Tensor, c: _FastConsts, keep_scaled: bool
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(xq, scaled, inside): ``cast(x, T)`` bit for bit for the types ``FixedQuantizer._fast_consts``
+    accepts, with ``inside`` = 1.0 where the rounded code lies in the code range (0.0 elsewhere, NaN
+    included) and ``scaled`` = ``x * 2**(F + k - 1)`` with NaN and infinities replaced by finite
+    values (so it is x scaled exactly where ``inside``), kept only when asked for.
+
+    Exactness: ``x * 2**(F + k - 1)`` is exact (F >= 0 and the work dtype is x's, as in ``cast``)
+    or overflows to an infinity. NaN and infinities become ``±big``, NaN keeping its sign bit (``cast``
+    reads NaN as an infinity of its sign); like every other value beyond the range it saturates.
+    Saturation commutes with rounding (the bounds are integers), so the code range is clamped on
+    the first rounding's result. The rounding only floors, ceils, truncates or rounds half to even,
+    all exact: ``AP_RND`` is ``floor((floor(2y) + 1) / 2)`` and ``AP_RND_MIN_INF`` is
+    ``floor(ceil(2y) / 2)``, which avoid ``floor(y + 0.5)`` (wrong where ``y + 0.5`` rounds up to an
+    integer). The clamped intermediates are integers or halves of integers below ``2**p``.
+    """
+    t = torch.mul(x, c.scale)
+    scaled = torch.nan_to_num(t, nan=c.big, posinf=c.big, neginf=-c.big)
+    sign = t.view(c.sign_mask.dtype).bitwise_and_(c.sign_mask)
+    scaled.view(c.sign_mask.dtype).bitwise_or_(sign)  # -NaN -> -big; a no-op elsewhere
+    m = c.first(scaled, out=t) if keep_scaled else c.first(scaled, out=scaled)
+    code = torch.clamp(m, c.code_lo, c.code_hi)
+    inside = torch.eq(m, code, out=m)  # float 1.0 / 0.0: boolean tensors are far slower on CPU
+    if c.second == "up":
+        torch.add(c.half, code, alpha=0.5, out=code).floor_()  # (m + 1) / 2, exact; never -0.0
+    elif c.second == "down":
+        code.mul_(c.half).floor_()
+    code.mul_(c.inv)
+    if c.zero_fix:
+        code.add_(c.zero)
+    return code, (scaled if keep_scaled else None), inside
+
+
+class _FastSTE(torch.autograd.Function):
+    """``_BinaryPointSTE`` for a saturating type on the ``_fast_cast`` path: the same gradients,
+    from float masks. Outside the range ``xq`` is the saturated value, which is the LSQ term there."""
+
+    @staticmethod
+    def forward(ctx, x, frac, consts, grad_scale):
+        learn = ctx.needs_input_grad[1]
+        xq, scaled, inside = _fast_cast(x, consts, keep_scaled=learn)
+        if learn:
+            ctx.save_for_backward(inside, scaled, xq)
+        elif ctx.needs_input_grad[0]:
+            ctx.save_for_backward(inside)
+        ctx.consts, ctx.grad_scale, ctx.frac_dtype = consts, grad_scale, frac.dtype
+        return xq
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad_frac = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad * ctx.saved_tensors[0]
+        if ctx.needs_input_grad[1]:
+            inside, scaled, xq = ctx.saved_tensors
+            c = ctx.consts
+            # d xq / d log2(s), over ln2: xq - x inside the range (scaled * -step is exactly -x
+            # there, so the difference is rounded once, as in _BinaryPointSTE), xq outside it.
+            if c.axis is None:
+                d = torch.addcmul(xq, scaled, inside, value=c.neg_step)
+                total = torch.dot(grad.reshape(-1), d.reshape(-1))
+            else:
+                d = torch.mul(scaled, c.neg_step).mul_(inside).add_(xq).mul_(grad)
+                total = d.sum(dim=[i for i in range(d.dim()) if i != c.axis])
+            factor = c.grad_factors.get(ctx.grad_scale)
+            if factor is None:
+                factor = c.grad_factors[ctx.grad_scale] = torch.tensor(
+                    -LN2 * ctx.grad_scale, dtype=total.dtype, device=total.device)
+            grad_frac = total.mul_(factor)
+            if grad_frac.dtype != ctx.frac_dtype:
+                grad_frac = grad_frac.to(ctx.frac_dtype)
+        return grad_x, grad_frac, None, None
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What ``forward`` needs for the current binary points and one input dtype, device and rank."""
+
+    key: tuple  # (frac's version, its data pointer, x.dtype, x.device, x.dim())
+    frac: torch.Tensor  # the parameter the plan was made for (kept alive: its id stays unique)
+    fracs: list[int]
+    axis: int | None
+    lo: torch.Tensor  # range ends s * code_min and s * code_max, for the general path
+    hi: torch.Tensor
+    fast: _FastConsts | None
+
+
 class BinaryPointQuantizer(nn.Module):
     """Shared machinery of quantizers with a learnable binary point: the ``frac`` parameter (shape
     ``()`` or ``(C,)``), the autograd rule, frozen types and calibration.
@@ -83,6 +208,8 @@ class BinaryPointQuantizer(nn.Module):
 
     reservoir_size = 4096  # values kept per channel by observe() for percentile/mse estimates
     _saturating = True
+    fast_path = True  # False sends every forward through _quantize_with (for comparisons)
+    _plan_cache: _Plan | None = None
 
     def __init__(self, width: int, signed: bool, frac: float | torch.Tensor | Sequence[float],
                  per_channel_axis: int | None, num_channels: int | None,
@@ -119,8 +246,11 @@ class BinaryPointQuantizer(nn.Module):
 
     def int_fracs(self) -> list[int]:
         """The integer binary points ``F = round(frac)`` (half to even), one per channel."""
-        f = torch.round(self.frac.detach()).clamp(-MAX_ABS_FRAC, MAX_ABS_FRAC)
-        return [int(v) for v in f.reshape(-1).tolist()]
+        # Python's round() is half to even too; one device-to-host copy, no device kernels.
+        values = self.frac.tolist()
+        if not isinstance(values, list):
+            values = [values]
+        return [round(min(max(v, -MAX_ABS_FRAC), MAX_ABS_FRAC)) for v in values]
 
     def fixed_type(self, channel: int | None = None) -> FixedType:
         """The frozen type: the one a per-tensor quantizer casts to, or channel ``channel``'s."""
@@ -151,15 +281,37 @@ class BinaryPointQuantizer(nn.Module):
             self.observe(x)
         if not self.enabled:
             return x
-        fracs = self.int_fracs()
         axis = self._axis(x)
-        lo_code, hi_code = self._code_bounds()
-        lo = self._per_channel([math.ldexp(lo_code, -f) for f in fracs], x, axis, x.dtype)
-        hi = self._per_channel([math.ldexp(hi_code, -f) for f in fracs], x, axis, x.dtype)
+        plan = self._plan(x, axis)
         per_channel = max(x.numel() // self.num_channels, 1)
-        grad_scale = 1.0 / math.sqrt(per_channel * max(hi_code, 1))
-        return _BinaryPointSTE.apply(x, self.frac, lambda v: self._quantize_with(v, fracs, axis), lo, hi,
-                                     axis, self._saturating, grad_scale)
+        grad_scale = 1.0 / math.sqrt(per_channel * max(self._code_bounds()[1], 1))
+        if plan.fast is not None and self.fast_path:
+            frac = self.frac
+            if torch.is_grad_enabled() and (x.requires_grad or frac.requires_grad):
+                return _FastSTE.apply(x, frac, plan.fast, grad_scale)
+            return _fast_cast(x, plan.fast, keep_scaled=False)[0]
+        fracs = plan.fracs
+        return _BinaryPointSTE.apply(x, self.frac, lambda v: self._quantize_with(v, fracs, axis), plan.lo,
+                                     plan.hi, axis, self._saturating, grad_scale)
+
+    def _plan(self, x: torch.Tensor, axis: int | None) -> _Plan:
+        """The cached plan, rebuilt when ``frac`` changed (reading its integers back) or x's dtype,
+        device or rank did; if only ``frac`` moved and its integers did not, the constants stay."""
+        frac = self.frac
+        key = (frac._version, frac.data_ptr(), x.dtype, x.device, x.dim())
+        plan = self._plan_cache
+        if plan is not None and plan.frac is frac and plan.key == key:
+            return plan
+        fracs = self.int_fracs()
+        if plan is not None and plan.frac is frac and plan.fracs == fracs and plan.key[2:] == key[2:]:
+            plan.key = key  # frac moved but its integers did not (the usual optimizer step)
+        else:
+            lo_code, hi_code = self._code_bounds()
+            lo = self._per_channel([math.ldexp(lo_code, -f) for f in fracs], x, axis, x.dtype)
+            hi = self._per_channel([math.ldexp(hi_code, -f) for f in fracs], x, axis, x.dtype)
+            plan = _Plan(key, frac, fracs, axis, lo, hi, self._fast_consts(fracs, x, axis))
+        self._plan_cache = plan
+        return plan
 
     def quantize_frozen(self, x: torch.Tensor) -> torch.Tensor:
         """The forward values without autograd bookkeeping (ignores ``enabled``)."""
@@ -334,6 +486,10 @@ class BinaryPointQuantizer(nn.Module):
         """(xq, state): exact quantized values, and int8 -1/0/+1 for below/inside/above the range."""
         raise NotImplementedError
 
+    def _fast_consts(self, fracs: list[int], x: torch.Tensor, axis: int | None) -> _FastConsts | None:
+        """Constants for ``_fast_cast`` when it is exact for these binary points and x, else None."""
+        return None
+
 
 class FixedQuantizer(BinaryPointQuantizer):
     """``ap_fixed<W, W-F, q, o, n>`` (or ``ap_ufixed``) cast with a learnable binary point F.
@@ -354,6 +510,9 @@ class FixedQuantizer(BinaryPointQuantizer):
         o_eff = OverflowMode.SAT if (self.o is OverflowMode.WRAP_SM and not self.signed) else self.o
         self._saturating = o_eff in (OverflowMode.SAT, OverflowMode.SAT_SYM, OverflowMode.SAT_ZERO)
         self._bounds = (base.sat_min_code if o_eff is OverflowMode.SAT_SYM else base.int_min, base.int_max)
+        self._fast_rounding = None
+        if o_eff in (OverflowMode.SAT, OverflowMode.SAT_SYM) and not _needs_int_path(base):
+            self._fast_rounding = _FAST_ROUNDING.get(self.q)
 
     def _type(self, f: int) -> FixedType:
         return FixedType(self.width, self.width - f, self.signed, self.q, self.o, self.n)
@@ -363,6 +522,29 @@ class FixedQuantizer(BinaryPointQuantizer):
 
     def _fit_round(self, y: torch.Tensor) -> torch.Tensor:
         return _round(y, self.q)[0]
+
+    def _fast_consts(self, fracs, x, axis):
+        if self._fast_rounding is None or x.dtype not in _FAST_DTYPES:
+            return None
+        bits, max_frac, int_dtype = _FAST_DTYPES[x.dtype]
+        if self.width > bits or min(fracs) < 0 or max(fracs) > max_frac:
+            return None  # cast() would work in float64, or x * 2**F could underflow
+        k, first, second = self._fast_rounding
+        lo, hi = self._bounds
+        code_lo, code_hi = {"": (lo, hi), "up": (2 * lo - 1, 2 * hi), "down": (2 * lo, 2 * hi + 1)}[second]
+        big = max(-code_lo, code_hi) + 2
+        if big > 2**bits:
+            return None  # the scaled grid would not be exact in this dtype
+
+        def const(values: list[float], dtype: torch.dtype = x.dtype) -> torch.Tensor:
+            return self._per_channel(values, x, axis if len(values) > 1 else None, dtype)
+
+        neg = [-math.ldexp(1.0, -(f + k - 1)) for f in fracs]
+        return _FastConsts(
+            axis, const([math.ldexp(1.0, f + k - 1) for f in fracs]), const([math.ldexp(1.0, -f) for f in fracs]),
+            neg[0] if axis is None else const(neg), first, second, float(code_lo), float(code_hi), float(big),
+            zero_fix=second != "up", half=const([0.5]), zero=const([0.0]),
+            sign_mask=const([-(1 << (8 * x.element_size() - 1))], int_dtype), grad_factors={})
 
     def _quantize_with(self, x, fracs, axis):
         lo, hi = self._bounds
@@ -388,6 +570,21 @@ class FixedQuantizer(BinaryPointQuantizer):
         qv = _overflow_float(qv, self._base)
         inv = self._per_channel([math.ldexp(1.0, -f) for f in fracs], x, axis, dtype)
         return (qv * inv + 0.0).to(x.dtype), state
+
+
+# Rounding modes of the fast path: (k, first rounding, second step); see _fast_cast.
+_FAST_ROUNDING = {
+    QuantMode.RND: (2, torch.floor, "up"),
+    QuantMode.RND_MIN_INF: (2, torch.ceil, "down"),
+    QuantMode.TRN: (1, torch.floor, ""),
+    QuantMode.TRN_ZERO: (1, torch.trunc, ""),
+    QuantMode.RND_CONV: (1, torch.round, ""),
+}
+# dtype: (significand bits, largest F with an exact float path in cast(), the int of the same width)
+_FAST_DTYPES = {
+    torch.float32: (24, 126, torch.int32),
+    torch.float64: (53, MAX_ABS_FRAC, torch.int64),
+}
 
 
 def _extremes(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
