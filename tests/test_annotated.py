@@ -32,13 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["mlp", "cnn", "resnet", "dscnn"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a busy 2-core machine: torch's thread pool only costs time."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)

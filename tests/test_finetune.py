@@ -26,13 +26,7 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 DATA = MODELS / "digits.npz"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: intra-op threads only add synchronisation (and stall on a busy machine)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 DATA = MODELS / "digits.npz"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,9 @@ from qfx_onnx.quant.annotated import verify_annotated, write_annotated
 from qfx_onnx.quant.policy import Policy
 from qfx_onnx.quant.quantize import quantize_graph
 
-from test_annotated import MODELS, ROOT, data, fixed_model, one_thread, rich_fixed  # noqa: F401 - fixture
+from test_annotated import MODELS, ROOT, data, fixed_model, rich_fixed  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 WIDE = "wider than float32's 24 bits"
 

@@ -414,7 +414,7 @@ def _replace_ident(line: str, old: str, new: str) -> str:
 
 # ------------------------------------------------------------------------------------ testbench
 def render_testbench(p: dict) -> str:
-    decls, sets, call_args, checks = [], [], [], []
+    decls, sets, checks = [], [], []
     offset = 0
     for b in p["inputs"]:
         t = b.ctype.type

@@ -7,6 +7,7 @@ Mixed into the export builder, whose state (types, constants, buffers, recorded 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from qfx_onnx.hls.fxutil import bcast_index, label, mixed_radix, op_name
 from qfx_onnx.hls.model import Buffer, Constant, Layer, Operand, Products, Step
 from qfx_onnx.hls.shift_add import khot_terms, khot_weight
 from qfx_onnx.ir.ops import pool_padding
+
+if TYPE_CHECKING:  # export.py imports this module; the type is only for annotations
+    from qfx_onnx.hls.export import _Group
 
 LUT_OPS = {"sigmoid", "tanh"}
 MAX_LUT_WIDTH = 16

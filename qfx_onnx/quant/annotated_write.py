@@ -37,7 +37,7 @@ from qfx_onnx.quant.annotated import (
 )
 from qfx_onnx.quant.onnx_cast import (
     DOMAIN, IR_VERSION, OPSET, cast_function, cast_function_per_channel, channel_function_name, channel_scales,
-    check_channel_types, check_onnx_castable, function_name,
+    check_channel_types, check_onnx_castable,
 )
 from qfx_onnx.quant.quantize import CAST_MODULE_PREFIX, FixedPointModel
 from qfx_onnx.quant.typeprop import ValueInfo, propagate
