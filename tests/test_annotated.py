@@ -189,16 +189,18 @@ def test_rich_model_runs_and_round_trips(tmp_path):
 
 
 def test_runtime_shape_arithmetic_and_per_channel_gemm_and_matmul(tmp_path):
-    """A dynamic-batch flatten computed at run time (Shape, Slice, Concat, Reshape on int64) and
-    per-channel weights on MatMul (last axis) and on a Gemm whose alpha is folded into B."""
+    """A dynamic-batch flatten computed at run time (Shape, Slice, Mul, Concat, Reshape on int64:
+    the batch entry is arithmetic, so import cannot fold it) and per-channel weights on MatMul
+    (last axis) and on a Gemm whose alpha is folded into B."""
     rng = np.random.default_rng(1)
     inits = {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "s0": np.array([0], np.int64),
-             "s1": np.array([1], np.int64), "minus": np.array([-1], np.int64),
+             "s1": np.array([1], np.int64), "minus": np.array([-1], np.int64), "one": np.array([1], np.int64),
              "fc": rng.standard_normal((36, 5)).astype(np.float32), "g": rng.standard_normal((5, 3)).astype(np.float32),
              "c": rng.standard_normal((3,)).astype(np.float32)}
     n = helper.make_node
     nodes = [n("Conv", ["x", "w"], ["c1"], name="conv"), n("Shape", ["c1"], ["s"], name="shape"),
-             n("Slice", ["s", "s0", "s1"], ["b"], name="batch"), n("Concat", ["b", "minus"], ["tgt"], name="tgt", axis=0),
+             n("Slice", ["s", "s0", "s1"], ["b0"], name="batch"), n("Mul", ["b0", "one"], ["b"], name="times_one"),
+             n("Concat", ["b", "minus"], ["tgt"], name="tgt", axis=0),
              n("Reshape", ["c1", "tgt"], ["flat"], name="reshape"), n("MatMul", ["flat", "fc"], ["mm"], name="mm"),
              n("Gemm", ["mm", "g", "c"], ["y"], name="gemm", alpha=0.5)]
     model = make_model(nodes, [value_info("x", ["batch", 3, 5, 5])], ["y"], opset=13, initializers=inits)

@@ -186,13 +186,33 @@ def flatten_chain(batch_dim: str | int) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("batch", [1, 5])
-def test_dynamic_batch_flatten_chain_stays_at_runtime(batch):
+def test_dynamic_batch_flatten_chain_folds_to_a_copy_of_the_batch_dim(batch):
     model = flatten_chain("N")
     gm = assert_matches_ort(model, random_feeds(model, batch=batch))
-    assert call_targets(gm) == ["relu", "shape_of", "shape_gather", "shape_unsqueeze", "shape_concat", "reshape"]
+    assert call_targets(gm) == ["relu", "reshape"]
+    reshape = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target.__name__ == "reshape")
+    assert reshape.args[1] == (0, -1)  # x.view(x.size(0), -1): copy dim 0, infer the rest
+    assert gm.onnx_info.input_shapes == ((None, 2, 3, 3),)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_shape_arithmetic_on_the_dynamic_batch_stays_at_runtime(batch):
+    """x.view(x.size(0) * 3, -1): the batch entry is computed, so two entries are unknown."""
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Shape", ["r"], ["s"]),
+        helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+        helper.make_node("Mul", ["n", "three"], ["n3"]),
+        helper.make_node("Unsqueeze", ["n3", "axes0"], ["n1"]),
+        helper.make_node("Concat", ["n1", "minus_one"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["r", "shape"], ["y"]),
+    ]
+    inits = {"zero": np.array(0, I64), "three": np.array(3, I64), "axes0": np.array([0], I64), "minus_one": np.array([-1], I64)}
+    model = make_model(nodes, [value_info("x", ["N", 3, 2, 2])], [value_info("y", [None, 4])], initializers=inits)
+    gm = assert_matches_ort(model, random_feeds(model, batch=batch))
+    assert call_targets(gm) == ["relu", "shape_of", "shape_gather", "shape_mul", "shape_unsqueeze", "shape_concat", "reshape"]
     kinds = {n.target.__name__: n.meta["role"] for n in gm.graph.nodes if n.op == "call_function"}
     assert kinds["shape_concat"] == "shape" and kinds["reshape"] == "activation"
-    assert gm.onnx_info.input_shapes == ((None, 2, 3, 3),)
 
 
 def test_static_batch_flatten_chain_is_folded():

@@ -32,10 +32,13 @@ class TensorInfo:
     """What is known of an ONNX tensor before it runs: element dtype and shape.
 
     ``shape`` is None when even the rank is unknown; a dim is None when it is symbolic or unknown.
+    ``dim_params`` holds, where shape inference named a symbolic dim, its name (equal names are
+    equal sizes), else None.
     """
 
     dtype: np.dtype | None
     shape: tuple[int | None, ...] | None
+    dim_params: tuple[str | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,11 @@ class OnnxInfo:
     input_names: tuple[str, ...]
     output_names: tuple[str, ...]
     input_shapes: tuple[tuple[int | None, ...] | None, ...]
+    fixed_batch: int | None = None
+    """The declared batch of a fixed-batch export that could not be generalised to any batch
+    (see :mod:`qfx_onnx.importer.batch`): the graph then runs only on chunks of this many
+    samples, and every stage feeds it through :func:`qfx_onnx.batching.run_in_chunks`. None when
+    the graph takes any batch."""
 
 
 def identifier(text: str, taken: set[str]) -> str:
@@ -90,15 +98,19 @@ class GraphBuilder:
 
     ``infos`` describes every ONNX tensor known after shape inference and folding; ``constants``
     holds the value of every compile-time constant; ``producers`` names the node behind each folded
-    constant.
+    constant; ``partials`` the integer tensors known in part (see :mod:`qfx_onnx.importer.fold`);
+    ``consumed`` the tensor names some node or the graph output reads (None: assume all are).
     """
 
-    def __init__(self, infos: dict[str, TensorInfo], constants: dict[str, np.ndarray], producers: dict[str, Producer]) -> None:
+    def __init__(self, infos: dict[str, TensorInfo], constants: dict[str, np.ndarray], producers: dict[str, Producer],
+                 partials: dict[str, Any] | None = None, consumed: set[str] | None = None) -> None:
         self.graph = fx.Graph()
         self.root = nn.Module()
         self.infos = infos
         self.constants = constants
         self.producers = producers
+        self.partials = partials or {}
+        self.consumed = consumed
         self.values: dict[str, fx.Node] = {}
         self._attr_names: set[str] = set()
 
@@ -146,6 +158,9 @@ class GraphBuilder:
         outputs = [self.value(name) for name in output_names]
         out = self.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
         self._set_meta(out, onnx_name=None, producer=None, dtype=None, role="internal")
+        # shape arithmetic whose result folding turned into a constant (a Reshape target known but
+        # for the input's own dims) is left without users: drop it (IR ops are pure)
+        self.graph.eliminate_dead_code()
         self.graph.lint()
         gm = fx.GraphModule(self.root, self.graph, class_name=identifier(info.graph_name or "onnx_graph", set()))
         gm.onnx_info = info
@@ -242,6 +257,17 @@ class NodeContext:
             raise self.error(f"input {what or i!r} ({self.input_name(i)!r}) must be a constant")
         return self.builder.constants[self.input_name(i)]
 
+    def partial(self, i: int):
+        """The :class:`~qfx_onnx.importer.fold.Partial` value of integer input ``i`` when shape
+        folding knows some but not all of its entries, else None (marks the input read)."""
+        self._read_inputs.add(i)
+        return self.builder.partials.get(self.input_name(i))
+
+    def is_consumed(self, i: int) -> bool:
+        """Whether output ``i`` is read by another node or is a graph output."""
+        name = self.output_name(i)
+        return bool(name) and (self.builder.consumed is None or name in self.builder.consumed)
+
     def info(self, i: int) -> TensorInfo:
         """What shape inference knows of input ``i``."""
         return self.builder.infos.get(self.input_name(i), TensorInfo(None, None))
@@ -330,5 +356,6 @@ class NodeContext:
             if name and i not in self._read_inputs:
                 raise self.error(f"input #{i} ({name!r}) is not supported")
         for i, name in enumerate(self.node.output):
-            if name and i not in self._bound:
-                raise self.error(f"output #{i} ({name!r}) is not supported")
+            # an optional output that nothing reads (Dropout's mask in old zoo files) is fine
+            if name and i not in self._bound and self.is_consumed(i):
+                raise self.error(f"output #{i} ({name!r}) is read by the graph but not supported")

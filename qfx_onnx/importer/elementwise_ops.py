@@ -143,13 +143,14 @@ def convert_batch_norm(ctx: NodeContext) -> None:
 
 @converter("Dropout", since=7)
 def convert_dropout(ctx: NodeContext) -> None:
-    """Inference Dropout is the identity; a training_mode that is true, or the mask output, is refused."""
+    """Inference Dropout is the identity. A training_mode that is true is refused, as is a mask
+    output that the graph reads (one that nothing reads, as in old zoo files, is accepted)."""
     ctx.attr("ratio", 0.5)
     ctx.attr("seed", 0)
     ctx.const(1, "ratio")
     training = ctx.const(2, "training_mode")
     if training is not None and bool(training):
         raise ctx.error("training_mode=true is not supported (inference only)")
-    if ctx.output_name(1):
-        raise ctx.error("the mask output is not supported (inference only)")
+    if ctx.is_consumed(1):
+        raise ctx.error(f"the mask output {ctx.output_name(1)!r} is read by the graph; only inference Dropout without a used mask is supported")
     ctx.emit(ops.identity, ctx.input(0))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -21,12 +21,15 @@ from torch import fx
 
 from qfx_onnx.errors import OnnxModelError
 from qfx_onnx.importer import elementwise_ops, linear_ops, pool_ops, shape_ops, spatial_ops  # noqa: F401 - registers converters
-from qfx_onnx.importer.context import GraphBuilder, NodeContext, OnnxInfo, TensorInfo
-from qfx_onnx.importer.fold import fold_constants, plan_folding
-from qfx_onnx.importer.reader import read_model, weight_free
+from qfx_onnx.importer.batch import generalize_batch
+from qfx_onnx.importer.context import GraphBuilder, NodeContext, OnnxInfo, Producer, TensorInfo
+from qfx_onnx.importer.fold import FoldResult, Partial, fold_constants
+from qfx_onnx.importer.reader import copy_fields, read_model, weight_free
 from qfx_onnx.importer.registry import DEFAULT_DOMAINS, Unsupported, check_opset, find_converter, find_unsupported, unsupported_error
 
 log = logging.getLogger(__name__)
+
+_MAX_FOLD_ROUNDS = 8
 
 
 @dataclass
@@ -48,6 +51,9 @@ class PreparedModel:
     constants: dict[str, np.ndarray]
     folded: set[int]
     unsupported: list[Unsupported]
+    producers: dict[str, Producer] = field(default_factory=dict)
+    partials: dict[str, Partial] = field(default_factory=dict)
+    fixed_batch: int | None = None
 
 
 def load_onnx(source: str | os.PathLike | onnx.ModelProto) -> fx.GraphModule:
@@ -68,23 +74,69 @@ def prepare(source: str | os.PathLike | onnx.ModelProto, *, raise_unsupported: b
     constants = _initial_constants(model.graph, label)
     # From here on only a copy without the weights' data: the full model is freed on return
     # when the caller does not hold it.
-    model = _infer_shapes(weight_free(model), label)
-    graph = model.graph
-    names = _node_names(graph)
-    infos = _tensor_infos(graph, constants)
-    folded = plan_folding(graph.node, set(constants), infos)
-    remaining = [(names[i], node) for i, node in enumerate(graph.node) if i not in folded]
+    model = weight_free(model)
+    model, fixed_batch = generalize_batch(model, constants, opset, label)
+    model = _infer_shapes(model, label)
+    names = _node_names(model.graph)
+    infos = _tensor_infos(model.graph, constants)
+    folding = _fold_to_fixpoint(model, names, infos, constants, opset, label)
+    remaining = [(names[i], node) for i, node in enumerate(model.graph.node) if i not in folding.folded]
     unsupported = find_unsupported(remaining, opset)
     if unsupported and raise_unsupported:
         raise unsupported_error(unsupported, opset, label)
-    return PreparedModel(model, label, opset, names, infos, constants, folded, unsupported)
+    return PreparedModel(model, label, opset, names, infos, constants, folding.folded, unsupported,
+                         folding.producers, folding.partials, fixed_batch)
+
+
+def _fold_to_fixpoint(model: onnx.ModelProto, names: list[str], infos: dict[str, TensorInfo],
+                      constants: dict[str, np.ndarray], opset: int, label: str) -> FoldResult:
+    """Fold, then infer shapes again with the folded values as initializers, until nothing new
+    folds: a Slice whose bounds came from a Shape gets a static output shape only once its bounds
+    are constants, and that can make the next Shape static."""
+    total = FoldResult(set(), {}, {})
+    for _ in range(_MAX_FOLD_ROUNDS):
+        step = fold_constants(model.graph.node, names, constants, infos, opset, skip=total.folded)
+        total.folded |= step.folded
+        total.producers.update(step.producers)
+        total.partials = step.partials
+        if not step.folded or len(total.folded) == len(model.graph.node):
+            break
+        for name, info in _tensor_infos(_infer_shapes(_with_folded(model, total.folded, constants), label).graph, {}).items():
+            known = infos.get(name)
+            if info.shape is not None and (known is None or known.shape is None or None in known.shape):
+                infos[name] = info
+    return total
+
+
+def _with_folded(model: onnx.ModelProto, folded: set[int], constants: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A weight-free copy of ``model`` without the ``folded`` nodes, their outputs given as
+    initializers (small ones) or typed graph inputs (large float ones), for shape inference."""
+    graph = model.graph
+    kept = [node for i, node in enumerate(graph.node) if i not in folded]
+    present = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    needed = {name for node in kept for name in node.input} | {o.name for o in graph.output}
+    initializers, inputs = list(graph.initializer), list(graph.input)
+    for i in sorted(folded):
+        for name in graph.node[i].output:
+            if not name or name in present or name not in needed:
+                continue
+            array = constants[name]
+            if array.dtype.kind == "f" and array.size > 1024:
+                inputs.append(onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), array.shape))
+            else:
+                initializers.append(onnx.numpy_helper.from_array(array, name))
+    new_graph = onnx.helper.make_graph(kept, graph.name, inputs, list(graph.output), initializers)
+    copy = onnx.ModelProto()
+    copy_fields(model, copy, skip={"graph"})
+    copy.graph.CopyFrom(new_graph)
+    return copy
 
 
 def build_graph(prepared: PreparedModel) -> fx.GraphModule:
     """Stages 3-4: fold constants, then convert every other node into the fx graph."""
     graph = prepared.model.graph
-    producers = fold_constants(graph.node, prepared.names, prepared.folded, prepared.constants, prepared.infos, prepared.opset)
-    builder = GraphBuilder(prepared.infos, prepared.constants, producers)
+    consumed = {name for node in graph.node for name in node.input if name} | {o.name for o in graph.output}
+    builder = GraphBuilder(prepared.infos, prepared.constants, prepared.producers, prepared.partials, consumed)
     inputs = [i.name for i in graph.input if i.name not in prepared.constants]
     for name in inputs:
         builder.add_input(name)
@@ -102,6 +154,7 @@ def build_graph(prepared: PreparedModel) -> fx.GraphModule:
         input_names=tuple(inputs),
         output_names=tuple(o.name for o in graph.output),
         input_shapes=tuple(prepared.infos[name].shape for name in inputs),
+        fixed_batch=prepared.fixed_batch,
     )
     return builder.finish(info.output_names, info)
 
@@ -182,4 +235,5 @@ def _info_of(type_proto: onnx.TypeProto) -> TensorInfo:
     if not tensor.HasField("shape"):
         return TensorInfo(dtype, None)
     shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
-    return TensorInfo(np.dtype(dtype) if dtype is not None else None, shape)
+    params = tuple(d.dim_param if d.HasField("dim_param") and d.dim_param else None for d in tensor.shape.dim)
+    return TensorInfo(np.dtype(dtype) if dtype is not None else None, shape, params if any(params) else None)

@@ -60,9 +60,9 @@ def weight_free(model: onnx.ModelProto) -> onnx.ModelProto:
     is copied as it is. ``model`` is not modified, and its weights are never copied.
     """
     copy = onnx.ModelProto()
-    _copy_fields(model, copy, skip={"graph"})
+    copy_fields(model, copy, skip={"graph"})
     graph, source = copy.graph, model.graph
-    _copy_fields(source, graph, skip={"initializer"})
+    copy_fields(source, graph, skip={"initializer"})
     inputs = {value.name for value in source.input}
     for tensor in source.initializer:
         if not _is_large_weight(tensor):
@@ -79,7 +79,7 @@ def _is_large_weight(tensor: onnx.TensorProto) -> bool:
     return tensor.data_type in _FLOAT_TYPES and count > _WEIGHT_FREE_MIN_ELEMENTS
 
 
-def _copy_fields(source, target, skip: set[str]) -> None:
+def copy_fields(source, target, skip: set[str]) -> None:
     """Copy every set field of protobuf message ``source`` into ``target`` except those in ``skip``."""
     for field, value in source.ListFields():
         if field.name in skip:

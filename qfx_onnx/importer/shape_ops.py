@@ -34,9 +34,18 @@ def convert_flatten(ctx: NodeContext) -> None:
 
 @converter("Reshape", since=5)
 def convert_reshape(ctx: NodeContext) -> None:
-    """A constant target shape becomes a tuple of ints; a runtime one (dynamic batch) stays a node."""
+    """A constant target shape becomes a tuple of ints, as does one that shape folding knows but for
+    the input's own dims (``x.view(x.size(0), -1)``: 0, copy) and one other (the batch of
+    ``x.view(b, g, c // g, h, w)`` computed by arithmetic: -1); any other target stays a node."""
     allowzero = ctx.attr("allowzero", 0, allowed=(0, 1))
-    shape = tuple(_ints(ctx.const(1))) if ctx.is_const(1) else ctx.input(1)
+    partial = ctx.partial(1)
+    target = partial.reshape_target(ctx.info(0).dim_params, allowzero) if partial is not None else None
+    if ctx.is_const(1):
+        shape = tuple(_ints(ctx.const(1)))
+    elif target is not None:
+        shape = target
+    else:
+        shape = ctx.input(1)
     ctx.emit(ops.reshape, ctx.input(0), shape, allowzero=allowzero)
 
 

@@ -28,6 +28,7 @@ from typing import Iterable
 import torch
 from torch import fx, nn
 
+from qfx_onnx.batching import fixed_batch_of, run_in_chunks
 from qfx_onnx.errors import QfxError
 from qfx_onnx.fixed.quantizer import FixedQuantizer
 from qfx_onnx.fixed.types import FixedType
@@ -159,9 +160,10 @@ def observe(gm: fx.GraphModule, sites: list[CastSite], batches: Iterable[torch.T
         _insert_after(probe, by_name[site.node.name], _site_module_name(i), obs)
         observers[site.tensor] = obs
     probe.recompile()
+    fixed = fixed_batch_of(gm)
     with torch.no_grad():
         for x in batches:
-            probe(x.to(_param_dtype(gm)))
+            run_in_chunks(probe, [x.to(_param_dtype(gm))], fixed)
     return observers
 
 
@@ -235,8 +237,9 @@ class FixedPointModel(nn.Module):
         self.onnx_info = getattr(graph_module, "onnx_info", None)
 
     def forward(self, *inputs: torch.Tensor):
+        """The emulation on ``inputs`` (any batch; a graph fixed to one batch runs in chunks)."""
         dtype = _param_dtype(self.graph_module)
-        return self.graph_module(*(x.to(dtype) for x in inputs))
+        return run_in_chunks(self.graph_module, [x.to(dtype) for x in inputs], fixed_batch_of(self.graph_module))
 
     def quantizers(self) -> dict[str, FixedQuantizer]:
         """ONNX tensor name -> its quantizer, in graph order."""

@@ -21,6 +21,7 @@ import torch
 from onnx import helper
 from torch import fx
 
+from qfx_onnx.batching import fixed_batch_of, join_chunks, split_chunks
 from qfx_onnx.errors import OnnxModelError
 from qfx_onnx.fixed.types import OverflowMode, QuantMode
 from qfx_onnx.importer.reader import read_model
@@ -104,12 +105,15 @@ def verify_annotated(model: FixedPointModel, onnx_model: str | os.PathLike | onn
         diff = sorted(set(onnx_names) ^ set(cast_nodes))
         raise OnnxModelError(f"{label}: the ONNX model and the fixed-point model quantize different tensors ({', '.join(diff[:5])})")
 
-    emulated, outputs = _emulate(model, cast_nodes, inputs)
+    fixed = fixed_batch_of(gm)
+    constant = {name for name, node in cast_nodes.items() if node.args[0].op == "get_attr"}  # same in every chunk
+    emulated, outputs = _emulate(model, cast_nodes, inputs, constant)
     extra = [name for name in onnx_names.values()]
-    ran = _run_onnxruntime(proto, extra, inputs)
+    ran = _run_onnxruntime(proto, extra, inputs, fixed, {onnx_names[name] for name in constant})
     dtype = next((p.dtype for p in gm.parameters()), torch.float64)
-    # types do not depend on the data: one sample gives the shapes
-    values = propagate(gm, tuple((t.to(dtype) if t.is_floating_point() else t)[:1] for t in inputs))
+    # types do not depend on the data: one sample (one chunk of a fixed-batch graph) gives the shapes
+    first = split_chunks(inputs, fixed)[0] if fixed else [t[:1] for t in inputs]
+    values = propagate(gm, tuple(t.to(dtype) if t.is_floating_point() else t for t in first))
     exact = _predict(gm, values)
 
     result = VerifyResult()
@@ -128,25 +132,33 @@ def verify_annotated(model: FixedPointModel, onnx_model: str | os.PathLike | onn
     return result
 
 
-def _emulate(model: FixedPointModel, cast_nodes: dict[str, fx.Node], inputs) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """The emulation's value of every cast tensor (forward hooks) and its outputs, float64."""
-    seen: dict[str, torch.Tensor] = {}
+def _emulate(model: FixedPointModel, cast_nodes: dict[str, fx.Node], inputs,
+             constant: set[str]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The emulation's value of every cast tensor (forward hooks) and its outputs, float64.
+
+    A graph fixed to one batch runs in chunks (one hook call per chunk): batched values are
+    joined, and those in ``constant`` (casts of parameters) taken from the first chunk."""
+    seen: dict[str, list[torch.Tensor]] = {}
     handles = []
     for name, node in cast_nodes.items():
         module = model.graph_module.get_submodule(node.target)
-        handles.append(module.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out.detach().to(torch.float64))))
+        handles.append(module.register_forward_hook(lambda _m, _i, out, name=name: seen.setdefault(name, []).append(out.detach().to(torch.float64))))
     try:
         with torch.no_grad():
             out = model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
+    n = int(inputs[0].shape[0])
+    joined = {name: parts[0] if len(parts) == 1 or name in constant else join_chunks(parts, n) for name, parts in seen.items()}
     outputs = list(out) if isinstance(out, (tuple, list)) else [out]
-    return seen, [o.detach().to(torch.float64) for o in outputs]
+    return joined, [o.detach().to(torch.float64) for o in outputs]
 
 
-def _run_onnxruntime(proto: onnx.ModelProto, extra: list[str], inputs) -> dict[str, np.ndarray]:
-    """Every graph output and every tensor in ``extra``, from one onnxruntime run on a copy."""
+def _run_onnxruntime(proto: onnx.ModelProto, extra: list[str], inputs, fixed_batch: int | None = None,
+                     constant: set[str] = frozenset()) -> dict[str, np.ndarray]:
+    """Every graph output and every tensor in ``extra``, from onnxruntime runs on a copy: one run,
+    or one per chunk of ``fixed_batch`` samples (``constant`` tensors then from the first)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     present = {o.name for o in probe.graph.output}
@@ -154,9 +166,14 @@ def _run_onnxruntime(proto: onnx.ModelProto, extra: list[str], inputs) -> dict[s
         if name not in present:
             probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
+    arrays = [t.numpy() for t in inputs]
+    n = int(arrays[0].shape[0])
+    chunks = split_chunks(arrays, fixed_batch) if fixed_batch and n != fixed_batch else [arrays]
+    runs = [dict(zip(names, session.run(names, {i.name: a for i, a in zip(session.get_inputs(), chunk)}))) for chunk in chunks]
+    if len(runs) == 1:
+        return runs[0]
+    return {name: runs[0][name] if name in constant else join_chunks([r[name] for r in runs], n) for name in names}
 
 
 def _predict(gm: fx.GraphModule, values: dict[fx.Node, ValueInfo]) -> dict[fx.Node, tuple[bool, str]]:
