@@ -191,3 +191,56 @@ def test_shape_arithmetic_from_x_size_folds(tmp_path, dynamic):
     assert not any(n.meta.get("role") == "shape" and n.op == "call_function" for n in gm.graph.nodes)
     x = torch.randn(3, 8, 5, 5)
     torch.testing.assert_close(gm(x), net(x), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# other exporters' idioms
+
+
+def test_tf2onnx_style_nhwc_graph():
+    """tf2onnx: NHWC input named ``input_1:0`` with an ``unk__`` batch, Transpose to NCHW and back,
+    ReduceMean over H and W, MatMul + Add bias, Softmax, and a flatten as Reshape to [-1, C]."""
+    w = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    n = helper.make_node
+    nodes = [
+        n("Transpose", ["input_1:0"], ["nchw"], perm=[0, 3, 1, 2], name="model/conv/Conv2D__6"),
+        n("Conv", ["nchw", "w"], ["c"], pads=[1, 1, 1, 1], name="model/conv/Conv2D"),
+        n("Relu", ["c"], ["r"], name="model/conv/Relu"),
+        n("Transpose", ["r"], ["nhwc"], perm=[0, 2, 3, 1], name="model/conv/Relu__8"),
+        n("ReduceMean", ["nhwc"], ["gap"], axes=[1, 2], keepdims=0, name="model/gap/Mean"),
+        n("Reshape", ["gap", "flat"], ["f"], name="model/flatten/Reshape"),
+        n("MatMul", ["f", "fc"], ["m"], name="model/dense/MatMul"),
+        n("Add", ["m", "bias"], ["logits"], name="model/dense/BiasAdd"),
+        n("Softmax", ["logits"], ["dense:0"], axis=-1, name="model/dense/Softmax"),
+    ]
+    inits = {"w": w, "flat": np.array([-1, 4], I64), "fc": RNG.standard_normal((4, 5)).astype(np.float32),
+             "bias": RNG.standard_normal(5).astype(np.float32)}
+    model = make_model(nodes, [value_info("input_1:0", ["unk__12", 6, 6, 3])], [value_info("dense:0", ["unk__12", 5])],
+                       initializers=inits)
+    from onnx_builders import assert_matches_ort, random_feeds
+    assert_matches_ort(model, random_feeds(model, batch=3))
+
+
+def test_opset_8_zoo_idioms():
+    """Old model-zoo files: shapes from Constant nodes, BatchNormalization-7 with ``spatial``,
+    Upsample-7 with ``scales``, Dropout with its mask declared, weights listed as graph inputs."""
+    n = helper.make_node
+    c = 3
+    bn = {"scale": RNG.uniform(0.5, 2, c), "b": RNG.standard_normal(c), "mean": RNG.standard_normal(c), "var": RNG.uniform(0.5, 2, c)}
+    bn = {k: v.astype(np.float32) for k, v in bn.items()}
+    nodes = [
+        n("Conv", ["x", "w"], ["c1"], pads=[1, 1, 1, 1]),
+        n("BatchNormalization", ["c1", "scale", "b", "mean", "var"], ["bn"], spatial=1, epsilon=1e-5),
+        n("Relu", ["bn"], ["r"]),
+        n("Upsample", ["r"], ["up"], scales=[1.0, 1.0, 2.0, 2.0], mode="nearest"),
+        n("Dropout", ["up"], ["d", "mask"], ratio=0.3),
+        n("Constant", [], ["shape"], value=onnx.numpy_helper.from_array(np.array([0, -1], I64))),
+        n("Reshape", ["d", "shape"], ["f"]),
+        n("Gemm", ["f", "fc", "fc_b"], ["y"], transB=1),
+    ]
+    inits = {"w": RNG.standard_normal((c, 2, 3, 3)).astype(np.float32), "fc": RNG.standard_normal((4, c * 16)).astype(np.float32),
+             "fc_b": RNG.standard_normal(4).astype(np.float32), **bn}
+    inputs = [value_info("x", ["N", 2, 2, 2])] + [value_info(k, list(v.shape)) for k, v in inits.items()]
+    model = make_model(nodes, inputs, [value_info("y", ["N", 4])], opset=8, initializers=inits)
+    from onnx_builders import assert_matches_ort, random_feeds
+    assert_matches_ort(model, random_feeds(model, batch=3))

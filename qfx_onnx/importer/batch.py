@@ -22,6 +22,7 @@ runs it in chunks of that batch (:func:`qfx_onnx.batching.run_in_chunks`) and sa
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import onnx
@@ -138,6 +139,16 @@ def _constant_value(name: str, constants: dict[str, np.ndarray], const_nodes: di
     return onnx.numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else np.asarray(value, dtype=np.int64)
 
 
+def _ort_reason(exc: Exception) -> str:
+    """The gist of an onnxruntime error: the node and its status message, without source locations."""
+    text = " ".join(str(exc).split())
+    node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+    message = text.split("Status Message:")[-1]
+    message = re.sub(r"^\s*\S+\.(?:h|cc|cpp):\d+ \S+\s*", "", message).strip()
+    where = f"{node.group(1)} node {node.group(2)!r}: " if node and node.group(2) else f"{node.group(1)}: " if node else ""
+    return (where + message)[:160]
+
+
 def _disagreement(original: onnx.ModelProto, candidate: onnx.ModelProto, constants: dict[str, np.ndarray], batch: int) -> str | None:
     """None when onnxruntime gives the same outputs for the candidate on ``_CHECK_CHUNKS`` chunks
     at once as for the original chunk by chunk; else why not, in a few words."""
@@ -155,18 +166,20 @@ def _disagreement(original: onnx.ModelProto, candidate: onnx.ModelProto, constan
         feeds[value.name] = (rng.standard_normal(shape) if np.issubdtype(dtype, np.floating) else np.zeros(shape)).astype(dtype)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # a failing candidate is expected: onnxruntime must not print it
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4
     try:
         reference = ort.InferenceSession(original.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        chunks = [reference.run(None, {**weights, **{k: v[i * batch:(i + 1) * batch] for k, v in feeds.items()}})
+        chunks = [reference.run(None, {**weights, **{k: v[i * batch:(i + 1) * batch] for k, v in feeds.items()}}, quiet)
                   for i in range(_CHECK_CHUNKS)]
     except Exception:  # the original does not run in onnxruntime either: leave it to the importer
         return None
     try:
         session = ort.InferenceSession(candidate.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        together = session.run(None, {**weights, **feeds})
+        together = session.run(None, {**weights, **feeds}, quiet)
     except Exception as exc:
-        return f"onnxruntime: {' '.join(str(exc).split())[:160]}"
+        return f"onnxruntime at batch {batch * _CHECK_CHUNKS}: {_ort_reason(exc)}"
     for k, got in enumerate(together):
         want = [chunk[k] for chunk in chunks]
         if np.ndim(got) == 0 or any(np.ndim(w) == 0 for w in want):
