@@ -63,3 +63,18 @@ def test_inspect_garbage_file(tmp_path):
     result = runner.invoke(app, ["inspect", str(path)])
     assert result.exit_code == 1
     assert "junk.onnx" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["inspect", "quantize"])
+def test_nan_weight_is_one_line_and_writes_nothing(classifier, command):
+    path, data, _ = classifier
+    model = onnx.load(str(path))
+    w = onnx.numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w[3, 5] = np.nan
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, model.graph.initializer[0].name))
+    bad = path.parent / "nan.onnx"
+    onnx.save(model, str(bad))
+    result = runner.invoke(app, [command, str(bad), "--data", str(data)])
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output and "non-finite" in result.output and "'w'" in result.output
+    assert not (path.parent / "nan.qfx.onnx").exists()

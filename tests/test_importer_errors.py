@@ -129,3 +129,39 @@ def test_garbage_file_is_a_one_line_error(tmp_path, content):
 def test_missing_file(tmp_path):
     with pytest.raises(OnnxModelError, match="nothere.onnx: no such file"):
         load_onnx(tmp_path / "nothere.onnx")
+
+
+def gemm_with_weight(weight: np.ndarray, constant_node: bool = False) -> onnx.ModelProto:
+    """x (N, 4) @ W: W an initializer, or the output of a Constant node."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
+    inits = {"w": weight}
+    if constant_node:
+        nodes.insert(0, helper.make_node("Constant", [], ["w"], name="w_const", value=onnx.numpy_helper.from_array(weight)))
+        inits = {}
+    graph = helper.make_graph(nodes, "g", [value_info("x", ["N", weight.shape[0]])], [value_info("y", ["N", weight.shape[1]])],
+                              [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("constant_node", [False, True])
+@pytest.mark.parametrize("bad, words", [(np.nan, "non-finite"), (np.inf, "non-finite"), (-np.inf, "non-finite")])
+def test_non_finite_weights_are_refused_naming_the_tensor(bad, words, constant_node):
+    w = np.ones((4, 3), np.float32)
+    w[2, 1] = bad
+    with pytest.raises(OnnxModelError) as err:
+        load_onnx(gemm_with_weight(w, constant_node))
+    message = str(err.value)
+    assert "'w'" in message and words in message and "(2, 1)" in message and "\n" not in message
+    assert ("w_const" in message) == constant_node
+
+
+def test_an_empty_weight_is_refused_naming_the_tensor():
+    with pytest.raises(OnnxModelError, match=r"constant 'w' is empty \(shape \(0, 64\)\)"):
+        load_onnx(gemm_with_weight(np.zeros((0, 64), np.float32)))
+
+
+def test_a_division_by_a_zero_constant_is_refused_naming_the_node():
+    nodes = [helper.make_node("Div", ["x", "d"], ["y"], name="div0")]
+    model = make_model(nodes, [value_info("x", ["N", 2])], ["y"], initializers={"d": np.array([1.0, 0.0], np.float32)})
+    with pytest.raises(OnnxModelError, match=r"div0::recip.*non-finite"):
+        load_onnx(model)

@@ -93,6 +93,21 @@ def _for_dtype(fn: Callable, dtype: np.dtype | None) -> Callable:
     return SHAPE_TWINS.get(fn, fn) if _is_integer(dtype) else fn
 
 
+def _check_values(array: np.ndarray, onnx_name: str, producer: Producer | None) -> None:
+    """Every float constant the graph uses must be non-empty and finite: no ``ap_fixed`` holds NaN
+    or infinity, and an empty weight leaves nothing to compute with."""
+    if array.dtype.kind != "f":
+        return
+    where = f" (from node {producer.name!r}, {producer.op_type})" if producer is not None else ""
+    if array.size == 0:
+        raise OnnxModelError(f"constant {onnx_name!r}{where} is empty (shape {tuple(array.shape)})")
+    bad = ~np.isfinite(array)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise OnnxModelError(f"constant {onnx_name!r}{where} holds {int(bad.sum())} non-finite value(s) "
+                             f"(first: {array[first]} at index {first}); a fixed-point model cannot represent NaN or infinity")
+
+
 class GraphBuilder:
     """Builds the fx graph: placeholders, one ``get_attr`` per used constant, op calls, output.
 
@@ -137,6 +152,7 @@ class GraphBuilder:
         return its get_attr node."""
         if array.dtype == object or array.dtype.kind in "SUO":
             raise OnnxModelError(f"constant {onnx_name!r} holds strings, which no op here can use")
+        _check_values(array, onnx_name, producer)
         attr = identifier(onnx_name.replace("::", "_"), self._attr_names)
         tensor = torch.from_numpy(np.array(array, copy=True))
         if tensor.is_floating_point():
