@@ -112,6 +112,20 @@ def test_config_overrides_by_node_op_tensor_and_fixed_type(tmp_path, digits):
     ("[[override]]\nop = 'Conv'\ntype = 'ap_fixed<8>'\n", "template arguments"),
     ("[[override]]\nop = 'Conv'\nrole = 'weights'\n", "role"),
     ("not toml at all [", "invalid TOML"),
+    # every value is checked against the schema, naming the key, the value and what is allowed
+    ("[defaults]\nweight_bits = 'eight'\n", r"weight_bits = 'eight': expected an integer from 1 to 24"),
+    ("[defaults]\nact_bits = true\n", r"act_bits = True: expected an integer"),
+    ("[defaults]\nsat_bits = -1\n", r"sat_bits = -1: expected an integer from 0 to 24"),
+    ("[defaults]\nrounding = 'nearest'\n", r"rounding = 'nearest': expected one of AP_TRN"),
+    ("[[override]]\ntensor = 'y'\ntype = 'ap_fixed<65,20,AP_RND,AP_SAT>'\n", r"type = 'ap_fixed<65,20,AP_RND,AP_SAT>'.*W=65"),
+    ("[[override]]\ntensor = 'y'\ntype = 'ap_fixed<25,20,AP_RND,AP_SAT>'\n", r"W=25 is wider than float32"),
+    ("[[override]]\ntensor = 'y'\ntype = 8\n", r"type = 8: expected an HLS type string"),
+    ("[[override]]\nnode = 'x'\nbits = 0\n", r"override #1: bits = 0"),
+    ("[[override]]\nnode = 'x'\nunsigned = 'yes'\n", r"unsigned = 'yes': expected true or false"),
+    ("[[override]]\nnode = 3\n", r"node = 3: expected a non-empty string"),
+    ("[extra]\nx = 1\n", r"unknown section\(s\) 'extra'"),
+    ("override = 3\n", r"must be a list of tables"),
+    ("[defaults.weight_bits]\nx = 1\n", r"weight_bits = \{'x': 1\}: expected an integer"),
 ])
 def test_bad_configs_are_one_line_errors(tmp_path, text, message):
     cfg = tmp_path / "bad.toml"

@@ -125,33 +125,121 @@ class Policy:
             raise ConfigError("override matches no tensor: " + "; ".join(unused))
 
 
-_DEFAULT_KEYS = {f.name for f in fields(Policy)} - {"overrides", "_used"}
-_OVERRIDE_KEYS = {f.name for f in fields(Override)} - {"where"}
+MAX_BITS = 24  # float32's significand: the annotated ONNX runs exactly in onnxruntime up to here
+
+
+# The config schema: every key, what it accepts, and how its text becomes a value. Each check
+# returns the value or raises ValueError with what was expected; the caller names file, section
+# and key.
+def _integer(low: int, high: int):
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"expected an integer from {low} to {high}")
+        return value
+    return check
+
+
+def _text(value):
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a non-empty string")
+    return value
+
+
+def _boolean(value):
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def _one_of(choices):
+    def check(value):
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(map(str, choices))}")
+        return value
+    return check
+
+
+def _mode(enum):
+    def check(value):
+        if isinstance(value, enum):
+            return value
+        try:
+            return enum(_mode_name(value)) if isinstance(value, str) else enum(value)
+        except ValueError:
+            raise ValueError(f"expected one of {', '.join(m.value for m in enum)}") from None
+    return check
+
+
+def _fixed_type(value):
+    if not isinstance(value, str):
+        raise ValueError('expected an HLS type string such as "ap_fixed<8,3,AP_RND,AP_SAT>"')
+    try:
+        t = FixedType.parse(value)
+    except QfxError as exc:
+        raise ValueError(str(exc)) from None
+    if t.width > MAX_BITS:
+        raise ValueError(f"W={t.width} is wider than float32's {MAX_BITS}-bit significand; widths from 1 to {MAX_BITS} are supported")
+    return t
+
+
+_BITS = _integer(1, MAX_BITS)
+DEFAULTS_SCHEMA = {
+    "weight_bits": _BITS, "bias_bits": _BITS, "act_bits": _BITS, "elementwise_bits": _BITS, "input_bits": _BITS,
+    "rounding": _mode(QuantMode), "overflow": _mode(OverflowMode), "weight_overflow": _mode(OverflowMode),
+    "sat_bits": _integer(0, MAX_BITS),
+}
+OVERRIDE_SCHEMA = {
+    "node": _text, "op": _text, "tensor": _text, "role": _one_of(ROLES), "bits": _BITS, "type": _fixed_type,
+    "rounding": _mode(QuantMode), "overflow": _mode(OverflowMode), "sat_bits": _integer(0, MAX_BITS), "unsigned": _boolean,
+}
+
+
+def _validated(table: object, schema: dict, where: str) -> dict:
+    """``table`` checked against ``schema``: a ConfigError names ``where``, the key, the value
+    given and what is allowed."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: must be a table/object")
+    unknown = sorted(set(table) - set(schema))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(schema)}")
+    values = {}
+    for key, value in table.items():
+        try:
+            values[key] = schema[key](value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {key} = {value!r}: {exc}") from None
+    return values
 
 
 def load_policy(path: str | Path | None = None, **flags) -> Policy:
     """A Policy from flags (``None`` values ignored) and an optional TOML/JSON config file.
 
     Precedence: built-in defaults < config ``[defaults]`` < flags given on the command line;
-    config overrides then apply per tensor. Any unknown key or bad value is a ConfigError naming
-    the file and the entry.
+    config overrides then apply per tensor. The config is checked against ``DEFAULTS_SCHEMA`` and
+    ``OVERRIDE_SCHEMA``: any unknown section or key, or a value of the wrong type or range, is a
+    ConfigError naming the file, the section, the key and what is allowed.
     """
     defaults: dict = {}
     overrides: list[Override] = []
     if path is not None:
         raw = _read_config(Path(path))
-        unknown = set(raw) - {"defaults", "override"}
+        unknown = sorted(set(raw) - {"defaults", "override"})
         if unknown:
-            raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; expected [defaults] and [[override]]")
-        defaults = dict(raw.get("defaults", {}))
-        bad = set(defaults) - _DEFAULT_KEYS
-        if bad:
-            raise ConfigError(f"{path}: unknown key(s) in [defaults]: {sorted(bad)}")
+            raise ConfigError(f"{path}: unknown section(s) {', '.join(map(repr, unknown))}; expected defaults and override")
+        defaults = _validated(raw.get("defaults", {}), DEFAULTS_SCHEMA, f"{path} section 'defaults'")
         entries = raw.get("override", [])
         if not isinstance(entries, list):
             raise ConfigError(f"{path}: 'override' must be a list of tables ([[override]])")
         overrides = [_parse_override(entry, f"{path} override #{i + 1}") for i, entry in enumerate(entries)]
-    defaults.update({k: v for k, v in flags.items() if v is not None})
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key not in DEFAULTS_SCHEMA:
+            raise ConfigError(f"unknown precision option {key!r}; allowed: {', '.join(DEFAULTS_SCHEMA)}")
+        try:
+            defaults[key] = DEFAULTS_SCHEMA[key](value)
+        except ValueError as exc:
+            raise ConfigError(f"--{key.replace('_', '-')} {value}: {exc}") from None
     try:
         return Policy(**defaults, overrides=overrides)
     except QfxError:
@@ -180,29 +268,9 @@ def _read_config(path: Path) -> dict:
 
 
 def _parse_override(entry: object, where: str) -> Override:
-    if not isinstance(entry, dict):
-        raise ConfigError(f"{where}: must be a table/object")
-    bad = set(entry) - _OVERRIDE_KEYS
-    if bad:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(bad)}")
-    if not any(entry.get(k) for k in ("node", "op", "tensor")):
+    values = _validated(entry, OVERRIDE_SCHEMA, where)
+    if not any(values.get(k) for k in ("node", "op", "tensor")):
         raise ConfigError(f"{where}: give at least one of node, op, tensor to match")
-    if entry.get("role") is not None and entry["role"] not in ROLES:
-        raise ConfigError(f"{where}: role {entry['role']!r} is not one of {', '.join(ROLES)}")
-    try:
-        values = dict(entry)
-        if values.get("type") is not None:
-            values["type"] = FixedType.parse(values["type"])
-        if values.get("rounding") is not None:
-            values["rounding"] = QuantMode(_mode_name(values["rounding"]))
-        if values.get("overflow") is not None:
-            values["overflow"] = OverflowMode(_mode_name(values["overflow"]))
-        if values.get("bits") is not None and not (isinstance(values["bits"], int) and 1 <= values["bits"] <= 24):
-            raise ConfigError(f"{where}: bits must be an integer from 1 to 24")
-    except QfxError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
     return Override(**values, where=where)
 
 
