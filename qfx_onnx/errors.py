@@ -33,5 +33,9 @@ class ConfigError(QfxError):
     """A precision config is invalid, or an override matches nothing."""
 
 
+class OutputError(QfxError):
+    """An output file or folder cannot be written (missing folder, no permission, full disk)."""
+
+
 class ExportError(QfxError):
     """An export target (annotated ONNX, HLS project) cannot represent the model."""

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qfx_onnx.atomic import current_umask
 from qfx_onnx.errors import ExportError
 from qfx_onnx.fixed.types import FixedType
 from qfx_onnx.hls import codegen
@@ -172,8 +173,12 @@ def write_project(files: dict[str, str], out_dir: str | Path, *, force: bool,
     """
     out = Path(out_dir).resolve()
     check_output_dir(out, force=force, protect=protect)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0o700; the project follows the umask
+    except OSError as exc:
+        raise ExportError(f"{out}: cannot write the HLS project ({exc.strerror})") from None
     try:
         for rel, text in files.items():
             path = tmp / rel
@@ -186,6 +191,9 @@ def write_project(files: dict[str, str], out_dir: str | Path, *, force: bool,
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"{out}: cannot write the HLS project ({exc.strerror})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

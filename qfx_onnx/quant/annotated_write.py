@@ -14,7 +14,6 @@ import logging
 import math
 import operator
 import os
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,6 +25,7 @@ from onnx import defs, helper, numpy_helper
 from torch import fx
 
 import qfx_onnx
+from qfx_onnx.atomic import write_atomic
 from qfx_onnx.errors import ExportError
 from qfx_onnx.fixed.quantizer import FixedQuantizer
 from qfx_onnx.fixed.types import OverflowMode, QuantMode
@@ -544,24 +544,8 @@ def _refuse_overwrite(path: str | os.PathLike, inputs: Sequence[str]) -> None:
 
 
 def _save_atomically(proto: onnx.ModelProto, path: Path) -> None:
-    """Write to a temp file beside ``path``, then rename it over ``path``."""
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise ExportError(f"{path}: cannot write ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(proto.SerializeToString())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise ExportError(f"{path}: cannot write ({exc.strerror})") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write to a temp file beside ``path``, then rename it over ``path`` (mode from the umask)."""
+    write_atomic(path, proto.SerializeToString(), what="annotated ONNX model", error=ExportError)
 
 
 __all__ = ["build_annotated", "emitter", "write_annotated"]

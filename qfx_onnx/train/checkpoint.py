@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from qfx_onnx.atomic import write_atomic
 from qfx_onnx.errors import QfxError
 
 FORMAT = "qfx-onnx-finetune"
@@ -47,21 +47,10 @@ def save(state: dict[str, Any], path: str | os.PathLike) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot write the checkpoint ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(to_cpu({"format": FORMAT, "version": VERSION, **state}), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"{path}: cannot write the checkpoint ({exc.strerror})") from None
-        raise
-    return path
+    payload = to_cpu({"format": FORMAT, "version": VERSION, **state})
+    return write_atomic(path, lambda handle: torch.save(payload, handle), what="checkpoint", error=CheckpointError)
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
