@@ -49,8 +49,8 @@ def export_hls(
     clock_ns: float = typer.Option(5.0, "--clock-ns", help="Clock period for build.tcl and latency in ns."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
     test_vectors: int = typer.Option(20, "--test-vectors", help="Number of test vectors in the testbench."),
-    data: Path | None = typer.Option(None, "--data", help="Test inputs: .npz/.npy/module:function (test split "
-                                                          "when the .npz has one). Default: random input codes."),
+    data: Path | None = typer.Option(None, "--data", help="Test inputs: .npz/.npy/module:function, labels optional "
+                                                          "(test split when the .npz has one). Default: random input codes."),
     khot_max: int = typer.Option(0, "--khot-max", help="Emit weights whose codes all have at most K signed "
                                                       "digits as shift-adds (0: only weights annotated K-hot)."),
     top: str | None = typer.Option(None, "--top", help="Top function name (default: from the file name)."),
@@ -64,16 +64,17 @@ def export_hls(
 def _export_hls(model, output, csim, io, reuse_factor, part, clock_ns, force, test_vectors, data, khot_max, top,
                 jobs) -> None:
     from qfx_onnx.data import load_arrays
-    from qfx_onnx.hls.project import check_output_dir, export_hls as export
+    from qfx_onnx.hls.project import check_output_dir, check_vector_count, export_hls as export
     from qfx_onnx.quant.annotated import read_annotated
     from qfx_onnx.quant.api import evaluation_split
 
     if not model.is_file():
         raise OnnxModelError(f"{model}: no such file")
+    check_vector_count(test_vectors)
     check_output_dir(output, force=force, protect=(model,))
     inputs = None
     if data is not None:
-        x, _ = load_arrays(str(data), evaluation_split(str(data)))
+        x, _ = load_arrays(str(data), evaluation_split(str(data)), real_targets=True)  # inputs only; any y is ignored
         inputs = (x,)
     with console.status("reading the annotated model"):
         fixed = read_annotated(model)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 from qfx_onnx.errors import DataError, OnnxModelError, QfxError
 from qfx_onnx.train.finetune import Callback
@@ -21,6 +22,8 @@ def finetune(
     output: Path = typer.Option(..., "-o", "--output", help="Annotated ONNX to write with the learned formats."),
     eval_data: str | None = typer.Option(None, "--eval-data", help="Evaluation data (default: the test split of a --data .npz)."),
     task: str = typer.Option("classification", help="classification (cross-entropy) or regression (MSE)."),
+    target: str = typer.Option("y", "--target", help="What the output learns: y (the data's labels or targets) or input "
+                                                     "(each sample itself: an autoencoder; with --task regression, y not needed)."),
     epochs: int = typer.Option(10, help="Training epochs."),
     batch_size: int = typer.Option(64, help="GLOBAL batch size (split across torchrun processes)."),
     lr: float = typer.Option(1e-3, help="Learning rate of the weights."),
@@ -59,11 +62,12 @@ def finetune(
     run_command(lambda: _finetune(**args))
 
 
-def _finetune(model, data, output, eval_data, task, epochs, batch_size, lr, frac_lr, optimizer, lr_schedule,
+def _finetune(model, data, output, eval_data, task, target, epochs, batch_size, lr, frac_lr, optimizer, lr_schedule,
               weight_decay, seed, patience, freeze_binary_points, per_channel, weight_bits, act_bits, input_bits,
               elementwise_bits, bias_bits, calibration, calib_samples, khot, csd, khot_elementwise, checkpoint_dir,
               resume, device, train_dtype, threads, verify, quiet) -> None:
-    from qfx_onnx.quant.annotated import read_annotated, verify_annotated, write_annotated
+    from qfx_onnx.quant.annotated import read_annotated, verify_annotated
+    from qfx_onnx.quant.annotated_write import build_annotated, save_annotated
     from qfx_onnx.train import FinetuneConfig, FinetuneInterrupted, finetune as run_finetune
     from qfx_onnx.train.batches import load_task_dataset
     from qfx_onnx.train.prepare import set_widths, to_khot, to_per_channel
@@ -77,6 +81,10 @@ def _finetune(model, data, output, eval_data, task, epochs, batch_size, lr, frac
         raise QfxError("--csd and --khot-elementwise need --khot K")
     if calib_samples < 1:
         raise QfxError(f"--calib-samples {calib_samples}: must be >= 1")
+    if target not in ("y", "input"):
+        raise QfxError(f"--target {target!r}: choose y or input")
+    if target == "input" and task != "regression":
+        raise QfxError("--target input trains the model to reproduce its input, which is regression: add --task regression")
     if threads is not None:
         if threads < 1:
             raise QfxError(f"--threads {threads}: must be >= 1")
@@ -93,8 +101,17 @@ def _finetune(model, data, output, eval_data, task, epochs, batch_size, lr, frac
     if existing.is_file() and not resume and show:
         console.print(f"note: starting afresh; {existing} will be replaced (pass --resume to continue it)")
 
-    train_set = load_task_dataset(data, "train", task)
-    eval_set = load_task_dataset(eval_data, None, task) if eval_data else load_task_dataset(data, "test", task, missing_ok=True)
+    if target == "input":
+        train_set = _input_target_set(data, "train")
+        eval_set = _input_target_set(eval_data, None) if eval_data else _input_target_set(data, "test", missing_ok=True)
+    else:
+        for spec in (data, eval_data):
+            _require_targets(spec, task)
+        train_set = load_task_dataset(data, "train", task)
+        eval_set = load_task_dataset(eval_data, None, task) if eval_data else load_task_dataset(data, "test", task, missing_ok=True)
+        for spec, dataset in ((data, train_set), (eval_data or data, eval_set)):
+            if dataset is not None and not isinstance(dataset[0], (tuple, list)):
+                raise _no_targets(spec, task)
     if eval_set is None and show:
         console.print("no evaluation data (pass --eval-data, or an .npz with test_idx): the last epoch is kept")
 
@@ -117,22 +134,26 @@ def _finetune(model, data, output, eval_data, task, epochs, batch_size, lr, frac
             result = run_finetune(fixed, train_set, eval_set, config, callbacks=[progress])
     except FinetuneInterrupted as exc:
         if show:
-            err_console.print(f"[yellow]{exc}[/]", highlight=False, soft_wrap=True)
+            err_console.print(Text(str(exc), style="yellow"))
         raise typer.Exit(130) from None
     if result.rank != 0:
         return
-    write_annotated(result.model, output, source=model.name)
-    _summary(result, output, quiet)
+    # verify the exact bytes about to be written, then write: a model that fails verification
+    # leaves no output file
+    proto = build_annotated(result.model, source=model.name)
     if verify:
         x = calib[0][:64]
-        check = verify_annotated(result.model, output, x)
+        check = verify_annotated(result.model, proto, x)
         if check.ok:
             if not quiet:
                 console.print(f"verify: onnxruntime matches the emulation bit for bit on {len(x)} samples")
         else:
-            console.print(f"[red]verify: {check.summary()}[/]")
-            if not check.explained:
-                raise QfxError("onnxruntime and the emulation disagree where exactness was guaranteed (see above)")
+            console.print(Text(f"verify: {check.summary()}", style="red" if check.unexpected else "yellow"))
+            if check.unexpected:
+                raise QfxError(f"{output}: not written: onnxruntime and the emulation disagree where exactness was "
+                               f"guaranteed ({', '.join(check.unexpected[:5])})")
+    save_annotated(proto, result.model, output)
+    _summary(result, output, quiet)
 
 
 def _check_output(model: Path, output: Path) -> None:
@@ -142,6 +163,65 @@ def _check_output(model: Path, output: Path) -> None:
         raise QfxError(f"{output.parent}: output folder does not exist")
     if output.exists() and output.is_dir():
         raise QfxError(f"{output}: is a folder")
+
+
+def _no_targets(spec: str, task: str) -> DataError:
+    if task == "regression":
+        return DataError(f"{spec}: no targets (y) to train on; add y to the data, or pass --target input "
+                         "to train the model to reproduce its input (an autoencoder)")
+    return DataError(f"{spec}: no labels (y) to train on; add integer class labels y to the data "
+                     "(an autoencoder: --task regression --target input)")
+
+
+def _require_targets(spec: str | None, task: str) -> None:
+    """Raise the DataError of :func:`_no_targets` for a file without targets (a hook's items are
+    checked once loaded; a missing or unreadable file is left to the loader to report)."""
+    if spec is None:
+        return
+    suffix = Path(spec).suffix.lower()
+    if suffix == ".npy" or (suffix == ".npz" and "x" in (keys := _npz_keys(spec)) and "y" not in keys):
+        raise _no_targets(spec, task)
+
+
+def _npz_keys(spec: str) -> set[str]:
+    """The keys of a readable .npz file; empty for anything else (the loaders report why)."""
+    import numpy as np
+
+    if Path(spec).suffix.lower() != ".npz" or not Path(spec).is_file():
+        return set()
+    try:
+        with np.load(spec, allow_pickle=False) as archive:
+            return set(archive.files)
+    except (OSError, ValueError, EOFError):
+        return set()
+
+
+def _input_target_set(spec: str, split: str | None, missing_ok: bool = False):
+    """``--target input``: each sample paired with itself as the target (an autoencoder).
+
+    Splits as for ``--target y``: an .npz's ``{split}_idx`` rows when it has them, otherwise every
+    row for training and no evaluation set (None when ``missing_ok``); a hook is called with
+    ``split=``. Any ``y`` in the data is ignored.
+    """
+    from torch.utils.data import TensorDataset
+
+    from qfx_onnx.data import load_arrays
+
+    is_file = Path(spec).suffix.lower() in (".npz", ".npy")
+    if is_file and split is not None:
+        if f"{split}_idx" not in _npz_keys(spec):
+            if split == "test":
+                if missing_ok:
+                    return None
+                raise DataError(f"{spec}: no test_idx split to evaluate on; pass --eval-data")
+            split = None
+    try:
+        x, _ = load_arrays(spec, split, real_targets=True)
+    except DataError:
+        if missing_ok and not is_file:
+            return None
+        raise
+    return TensorDataset(x, x)
 
 
 def _check_input_shape(fixed, dataset) -> None:
@@ -177,7 +257,9 @@ def _summary(result, output: Path, quiet: bool) -> None:
         console.print(f"wrote {output}")
         return
     def acc(m):
-        return "-" if m is None else (f"{m['accuracy']:.2%}" if "accuracy" in m else f"loss {m['loss']:.4g}")
+        if not m:  # None, or {} when there was no evaluation set
+            return "-"
+        return f"{m['accuracy']:.2%}" if "accuracy" in m else f"loss {m['loss']:.4g}"
     console.print(f"wrote {output}: best epoch {result.best_epoch} of {result.epochs_run}"
                   f"{' (stopped early)' if result.stopped_early else ''}, {result.seconds:.0f} s")
     console.print(f"evaluation: before {acc(result.initial)}, after {acc(result.final)} (exact fixed-point pass)")

@@ -1,4 +1,4 @@
-"""``qfx-onnx inspect``: what the importer makes of a model, and its float accuracy on data."""
+"""``qfx-onnx inspect``: what the importer makes of a model, and its float accuracy (or MSE) on data."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 import typer
 from rich.table import Table
+from rich.text import Text
 
+from qfx_onnx.batching import fixed_batch_of, run_in_chunks
 from qfx_onnx.errors import DataError
 from qfx_onnx_cli.main import app, console, run_command
 
@@ -17,7 +19,8 @@ _STATUS_STYLE = {"converted": "green", "folded": "cyan", "unsupported": "bold re
 @app.command()
 def inspect(
     model: Path = typer.Argument(..., help="Float ONNX model."),
-    data: Path | None = typer.Option(None, "--data", help="Labelled data (.npz with x and y, or module:function): report the float accuracy."),
+    data: Path | None = typer.Option(None, "--data", help="Data (.npz with x and optionally y, .npy, or module:function): check it fits the model "
+                                                       "and report the float accuracy (class labels y) or MSE (real-valued y)."),
     split: str | None = typer.Option(None, "--split", help="Rows of --data to use: train, test or all (default: the test split when the .npz has one)."),
     batch_size: int = typer.Option(256, help="Samples per forward pass with --data."),
 ) -> None:
@@ -36,7 +39,7 @@ def _inspect(model: Path, data: Path | None, split: str | None, batch_size: int)
         table.add_column(column, justify="right" if column == "#" else "left")
     for index, row in enumerate(rows):
         style = _STATUS_STYLE[row.status]
-        table.add_row(str(index), row.name, row.op_type, _shape_text(row.output_shape), f"[{style}]{row.status}[/]")
+        table.add_row(str(index), row.name, row.op_type, _shape_text(row.output_shape), Text(row.status, style=style))
     console.print(table)
     if prepared.unsupported:
         raise unsupported_error(prepared.unsupported, prepared.opset, prepared.label)
@@ -46,8 +49,11 @@ def _inspect(model: Path, data: Path | None, split: str | None, batch_size: int)
         console.print(f"input  {name}: {_shape_text(shape)}")
     console.print(f"output {', '.join(info.output_names)}")
     if data is not None:
-        correct, total = _accuracy(gm, data, split, batch_size)
-        console.print(f"float accuracy: {100.0 * correct / total:.2f}% ({correct}/{total} samples of {data.name})")
+        result = _score(gm, data, split, batch_size)
+        if result is None:
+            console.print(f"float accuracy: none, {data.name} has no labels (y); its inputs fit the model")
+        else:
+            console.print(f"float {result.name}: {result.value_text()} ({result.count} samples of {data.name})")
 
 
 def _shape_text(shape) -> str:
@@ -56,9 +62,10 @@ def _shape_text(shape) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
 
 
-def _accuracy(gm: torch.fx.GraphModule, data: Path, split: str | None, batch_size: int) -> tuple[int, int]:
-    """Correct predictions (argmax of the first output against the labels) and the sample count."""
-    from qfx_onnx.data import check_matches_model, load_arrays
+def _score(gm: torch.fx.GraphModule, data: Path, split: str | None, batch_size: int):
+    """The first output measured against the labels (:func:`qfx_onnx.data.score`), or None
+    when the data has no labels; the inputs are checked against the model either way."""
+    from qfx_onnx.data import check_matches_model, load_arrays, score
 
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: must be at least 1")
@@ -66,16 +73,15 @@ def _accuracy(gm: torch.fx.GraphModule, data: Path, split: str | None, batch_siz
 
     if split is None:
         split = evaluation_split(data)
-    x, y = load_arrays(data, None if split == "all" else split)
-    if y is None:
-        raise DataError(f"{data}: has no labels (y), so no accuracy can be measured")
+    x, y = load_arrays(data, None if split == "all" else split, real_targets=True)
     if len(gm.onnx_info.input_names) != 1:
-        raise DataError(f"{data}: the model has {len(gm.onnx_info.input_names)} inputs; accuracy needs exactly one")
+        raise DataError(f"{data}: the model has {len(gm.onnx_info.input_names)} inputs; --data feeds exactly one")
     check_matches_model(x, gm.onnx_info.input_shapes[0], str(data))
-    correct = 0
+    if y is None:
+        return None
+    outputs = []
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            out = gm(x[start:start + batch_size])
-            first = out[0] if isinstance(out, tuple) else out
-            correct += int((first.argmax(dim=1) == y[start:start + batch_size]).sum())
-    return correct, len(x)
+            out = run_in_chunks(gm, [x[start:start + batch_size]], fixed_batch_of(gm))  # a fixed-batch graph: in chunks
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+    return score(torch.cat(outputs), y, str(data))

@@ -2,6 +2,13 @@
 
 Every command body runs inside :func:`run_command`, the one place that turns a ``QfxError`` into a
 one-line message and a non-zero exit code.
+
+Both consoles print every string literally: rich markup (``[red]``, ``[/]``) and emoji codes
+(``:boom:``) are off, because paths, node and tensor names, hook names and config keys reach the
+terminal inside f-strings and table cells. Styled text is built explicitly with ``rich.text.Text``.
+(``console.status`` parses its text as markup whatever the console says: keep it constant.) A
+message is one line however long (soft wrap: the terminal folds it, rich does not break it), so
+paths stay whole and logs stay greppable; tables still fit the width.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from typing import Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 import qfx_onnx
 from qfx_onnx.errors import QfxError
@@ -23,8 +31,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(markup=False, emoji=False, soft_wrap=True)
+err_console = Console(stderr=True, markup=False, emoji=False, highlight=False, soft_wrap=True)
 
 T = TypeVar("T")
 
@@ -34,7 +42,7 @@ def run_command(body: Callable[[], T]) -> T:
     try:
         return body()
     except QfxError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"))
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err_console.print("interrupted")

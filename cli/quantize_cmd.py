@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import typer
+from rich.text import Text
 
 from qfx_onnx.errors import DataError, OnnxModelError, QfxError
 from qfx_onnx_cli.main import app, console, run_command
@@ -52,7 +53,8 @@ def quantize(
     config: Path | None = typer.Option(None, "--config", help="TOML/JSON precision config with per-layer overrides."),
     fold_bn: bool = typer.Option(False, "--fold-bn", help="Fold BatchNorm into the preceding conv/Gemm instead of keeping it as a fixed-point affine."),
     per_channel: bool = typer.Option(False, "--per-channel", help="Per-output-channel binary points for weights."),
-    eval_data: Path | None = typer.Option(None, "--eval-data", help="Labelled data for accuracy (default: the test split of --data)."),
+    eval_data: Path | None = typer.Option(None, "--eval-data", help="Data for the report, verify and accuracy (class labels y) or MSE (real-valued y) "
+                                                                 "(default: the test split of --data)."),
     report: Path | None = typer.Option(None, "--report", help="Write the per-tensor report as JSON."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Run the written ONNX in onnxruntime and compare bit for bit."),
     verify_samples: int = typer.Option(64, help="Samples used by --verify."),
@@ -66,12 +68,12 @@ def quantize(
 def _quantize(model, data, output, calib_samples, method, weight_bits, bias_bits, act_bits, elementwise_bits,
               input_bits, rounding, overflow, sat_bits, config, fold_bn, per_channel, eval_data, report, verify,
               verify_samples, show_all) -> None:
-    from qfx_onnx.data import load_arrays
+    from qfx_onnx.data import load_arrays, score
     from qfx_onnx.fixed.types import OverflowMode, QuantMode
     from qfx_onnx.quant.annotated import verify_annotated, write_annotated
     from qfx_onnx.quant.api import evaluation_split, quantize as quantize_model
     from qfx_onnx.quant.policy import load_policy, parse_mode
-    from qfx_onnx.quant.report import QuantReport, accuracy, layer_exactness, measure_tensors, tensor_table
+    from qfx_onnx.quant.report import QuantReport, layer_exactness, measure_tensors, tensor_table
 
     if not model.is_file():
         raise OnnxModelError(f"{model}: no such file")
@@ -88,7 +90,8 @@ def _quantize(model, data, output, calib_samples, method, weight_bits, bias_bits
                          rounding=parse_mode(QuantMode, rounding), overflow=parse_mode(OverflowMode, overflow),
                          sat_bits=sat_bits)
     eval_spec = eval_data or data
-    x_eval, y_eval = load_arrays(str(eval_spec), evaluation_split(str(eval_spec)) if eval_data is None else None)
+    x_eval, y_eval = load_arrays(str(eval_spec), evaluation_split(str(eval_spec)) if eval_data is None else None,
+                                 real_targets=True)
 
     with console.status("importing and calibrating"):
         fixed = quantize_model(model, str(data), policy=policy, method=method, calib_samples=calib_samples,
@@ -96,11 +99,13 @@ def _quantize(model, data, output, calib_samples, method, weight_bits, bias_bits
 
     result = QuantReport()
     with console.status("evaluating"), torch.no_grad():
-        if y_eval is not None:
+        if y_eval is not None:  # accuracy for class outputs, MSE for anything else (qfx_onnx.data.score)
             fixed.set_casts_enabled(False)
-            result.float_accuracy = accuracy(_first(fixed(x_eval)), y_eval)
+            float_score = score(_first(fixed(x_eval)), y_eval, str(eval_spec))
             fixed.set_casts_enabled(True)
-            result.fixed_accuracy = accuracy(_first(fixed(x_eval)), y_eval)
+            fixed_score = score(_first(fixed(x_eval)), y_eval, str(eval_spec))
+            if fixed_score.metric == "accuracy":
+                result.float_accuracy, result.fixed_accuracy = float_score.value, fixed_score.value
         result.tensors = measure_tensors(fixed, torch.split(x_eval, 256))
         result.layers = layer_exactness(fixed, x_eval[:1])
 
@@ -111,10 +116,12 @@ def _quantize(model, data, output, calib_samples, method, weight_bits, bias_bits
     console.print(tensor_table(result_view))
     inexact = [layer for layer in result.layers if not layer.exact_float32]
     for layer in inexact:
-        console.print(f"[yellow]note:[/] {layer.tensor}: lossless accumulator {layer.type} ({layer.terms} terms) "
-                      "exceeds float32's 24 bits; onnxruntime is exact only while partial sums stay small")
-    if result.float_accuracy is not None:
-        console.print(f"accuracy on {eval_spec}: float {result.float_accuracy:.2%}, fixed point {result.fixed_accuracy:.2%}")
+        console.print(Text.assemble(("note:", "yellow"), f" {layer.tensor}: lossless accumulator {layer.type} ({layer.terms} terms) "
+                                    "exceeds float32's 24 bits; onnxruntime is exact only while partial sums stay small"))
+    if y_eval is None:
+        console.print(f"accuracy: none, {eval_spec} has no labels (y)")
+    else:
+        console.print(f"{fixed_score.name} on {eval_spec}: float {float_score.value_text()}, fixed point {fixed_score.value_text()}")
 
     if verify:
         with console.status("verifying in onnxruntime"):
@@ -124,7 +131,7 @@ def _quantize(model, data, output, calib_samples, method, weight_bits, bias_bits
         if check.ok:
             console.print(f"verify: onnxruntime matches the emulation bit for bit on {samples} samples ({check.summary()})")
         else:
-            console.print(f"[{'red' if check.unexpected else 'yellow'}]verify on {samples} samples: {check.summary()}[/]")
+            console.print(Text(f"verify on {samples} samples: {check.summary()}", style="red" if check.unexpected else "yellow"))
     if report is not None:
         _write_text(report, result.to_json())
         console.print(f"report: {report}")

@@ -3,11 +3,16 @@
 A dataset spec is one of
 
 * ``path/to/data.npz`` with key ``x`` (inputs, batch first) and optionally ``y`` (integer class
-  labels) and ``train_idx`` / ``test_idx`` (row indices selecting a split). Other keys are ignored.
+  labels, or with ``real_targets=True`` real-valued targets) and ``train_idx`` / ``test_idx`` (row
+  indices selecting a split). Other keys are ignored.
 * ``path/to/inputs.npy``: inputs only, no labels, no splits.
 * ``package.module:function``: a function returning a map-style ``torch.utils.data.Dataset`` whose
   items are ``(x, y)`` or ``x``. It is called as ``function()``, or ``function(split=...)`` when a
   split is asked for. The current directory is importable while the module loads.
+
+Data without ``y`` is unlabelled: it calibrates, verifies and feeds test vectors, but measures no
+accuracy. :func:`score` decides how outputs are measured against ``y``: accuracy for class labels
+against class scores, mean squared error otherwise.
 
 Files are always read with ``allow_pickle=False``. Every problem is reported as a
 :class:`~qfx_onnx.errors.DataError` whose one-line message names the file (or hook) and the problem.
@@ -20,6 +25,7 @@ import os
 import re
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,7 +43,8 @@ class ArrayDataset(Dataset):
     """Inputs (and labels) held as tensors; items are ``(x[i], y[i])``, or ``x[i]`` without labels.
 
     ``x`` is float32 with at least one dimension (the batch); ``y`` is int64 of shape ``(len(x),)``
-    or None. ``source`` names where the data came from, for messages.
+    (class labels), float32 of shape ``(len(x), ...)`` (real targets) or None. ``source`` names
+    where the data came from, for messages.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor | None, source: str) -> None:
@@ -52,12 +59,14 @@ class ArrayDataset(Dataset):
         return self.x[i] if self.y is None else (self.x[i], self.y[i])
 
 
-def load_dataset(spec: str | os.PathLike, split: str | None = None) -> Dataset:
+def load_dataset(spec: str | os.PathLike, split: str | None = None, *, real_targets: bool = False) -> Dataset:
     """Open the dataset named by ``spec`` (see module docstring), restricted to ``split``.
 
     ``split`` is ``"train"``, ``"test"`` or None (every row). For files the result is an
     :class:`ArrayDataset` whose inputs are finite float32 and whose labels, if any, are
-    non-negative int64 of matching length. For a hook it is the hook's own map-style dataset,
+    non-negative int64 of matching length; with ``real_targets`` a ``y`` that is not such a label
+    vector is accepted as finite float32 targets of ``len(x)`` rows instead (see :func:`score`).
+    For a hook it is the hook's own map-style dataset,
     checked only for having a length; its items are validated by :func:`load_arrays`.
     Raises DataError for a bad spec, split, file, key, dtype or shape, and for a failing hook.
     """
@@ -66,7 +75,7 @@ def load_dataset(spec: str | os.PathLike, split: str | None = None) -> Dataset:
     text = os.fspath(spec)
     suffix = Path(text).suffix.lower()
     if suffix == ".npz":
-        return _load_npz(Path(text), split)
+        return _load_npz(Path(text), split, real_targets)
     if suffix == ".npy":
         if split is not None:
             raise DataError(f"{text}: a .npy file holds inputs only and has no {split!r} split; use an .npz with {split}_idx")
@@ -77,17 +86,20 @@ def load_dataset(spec: str | os.PathLike, split: str | None = None) -> Dataset:
     raise DataError(f"{text}: not a dataset spec; expected a .npz or .npy file, or module:function")
 
 
-def load_arrays(spec: str | os.PathLike, split: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """All rows of ``load_dataset(spec, split)`` as tensors ``(x, y)``.
+def load_arrays(spec: str | os.PathLike, split: str | None = None, *,
+                real_targets: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All rows of ``load_dataset(spec, split, real_targets=...)`` as tensors ``(x, y)``.
 
     ``x`` is float32 of shape ``(N, *sample_shape)`` with N >= 1 and finite values; ``y`` is
-    int64 of shape ``(N,)`` with non-negative values, or None when the data has no labels. Hook
-    items must all be ``(x, y)`` or all ``x``, with one sample shape; they are read into memory.
+    int64 of shape ``(N,)`` with non-negative values, or None when the data has no labels. With
+    ``real_targets``, a ``y`` that is not such a label vector (floats, negative or multi-column
+    integers) is float32 of shape ``(N, ...)`` instead. Hook items must all be ``(x, y)`` or all
+    ``x``, with one sample shape (and one target shape); they are read into memory.
     """
-    dataset = load_dataset(spec, split)
+    dataset = load_dataset(spec, split, real_targets=real_targets)
     if isinstance(dataset, ArrayDataset):
         return dataset.x, dataset.y
-    return _stack_items(dataset, os.fspath(spec))
+    return _stack_items(dataset, os.fspath(spec), real_targets)
 
 
 def check_matches_model(x: torch.Tensor | np.ndarray, input_shape: Sequence[int | str | None], source: str = "data") -> None:
@@ -106,6 +118,43 @@ def check_matches_model(x: torch.Tensor | np.ndarray, input_shape: Sequence[int 
     for axis, (have, want) in enumerate(zip(data_shape, model_shape)):
         if axis > 0 and not _is_dynamic(want) and have != int(want):
             raise DataError(f"{source}: samples of shape {data_shape} do not fit the model input {shown} (axis {axis}: {have} != {want})")
+
+
+@dataclass(frozen=True)
+class Score:
+    """Outputs measured against targets: ``metric`` is ``"accuracy"`` or ``"mse"``, over ``count`` samples."""
+
+    metric: str
+    value: float
+    count: int
+
+    @property
+    def name(self) -> str:
+        return "accuracy" if self.metric == "accuracy" else "MSE"
+
+    def value_text(self) -> str:
+        return f"{self.value:.2%}" if self.metric == "accuracy" else f"{self.value:.4g}"
+
+
+def score(out: torch.Tensor, y: torch.Tensor, source: str = "data") -> Score:
+    """Measure model outputs ``out`` (batch first) against targets ``y`` of the same samples.
+
+    Integer class labels of shape ``(N,)`` against class scores ``(N, C)`` with C >= 2 give the
+    accuracy of the argmax. Anything else with one target value per output value (real-valued
+    targets, an autoencoder's inputs, a 1-output regressor's integer targets) gives the mean
+    squared error, so a regression output is never scored as a classification. Raises DataError
+    naming ``source`` and both shapes when ``y`` fits neither, or when a label has no class output.
+    """
+    if not y.dtype.is_floating_point and y.dim() == 1 and out.dim() == 2 and out.shape[1] >= 2 and len(y) == len(out):
+        if len(y) and int(y.max()) >= out.shape[1]:
+            raise DataError(f"{source}: label {int(y.max())} is out of range for a model with {out.shape[1]} class outputs")
+        correct = int((out.argmax(dim=1) == y).sum())
+        return Score("accuracy", correct / len(y), len(y))
+    if out.dim() == 0 or y.shape[:1] != out.shape[:1] or y.numel() != out.numel():
+        raise DataError(f"{source}: targets y of shape {tuple(y.shape)} do not fit outputs of shape {tuple(out.shape)}; "
+                        "expected integer class labels (N,) for (N, classes) outputs, or one real target per output value")
+    err = out.detach().to(torch.float64) - y.to(torch.float64).reshape(out.shape)
+    return Score("mse", float((err * err).mean()), len(out))
 
 
 def _is_dynamic(dim: int | str | None) -> bool:
@@ -140,7 +189,7 @@ def _read_npy(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read ({_one_line(exc)})") from None
 
 
-def _load_npz(path: Path, split: str | None) -> ArrayDataset:
+def _load_npz(path: Path, split: str | None, real_targets: bool) -> ArrayDataset:
     _check_file(path)
     if not zipfile.is_zipfile(path):
         raise DataError(f"{path}: not a .npz file (not a zip archive)")
@@ -160,7 +209,7 @@ def _load_npz(path: Path, split: str | None) -> ArrayDataset:
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: not a readable .npz file ({_one_line(exc)})") from None
     x = _as_inputs(arrays["x"], f"{path}: key 'x'")
-    y = _as_labels(arrays["y"], len(x), f"{path}: key 'y'") if "y" in arrays else None
+    y = _as_targets(arrays["y"], len(x), f"{path}: key 'y'", real_targets) if "y" in arrays else None
     if split is not None:
         key = f"{split}_idx"
         if key not in arrays:
@@ -191,6 +240,22 @@ def _as_labels(array: np.ndarray, n: int, where: str) -> torch.Tensor:
     if n and array.min() < 0:
         raise DataError(f"{where} holds negative labels; expected class indices >= 0")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+
+
+def _as_targets(array: np.ndarray, n: int, where: str, real_targets: bool) -> torch.Tensor:
+    """Class labels (int64, ``(n,)``) when ``array`` is one; else, with ``real_targets``, float32 targets."""
+    is_labels = array.dtype.kind in "iu" and array.shape == (n,) and not (n and array.min() < 0)
+    if not real_targets or is_labels:
+        return _as_labels(array, n, where)
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{where} has dtype {array.dtype}; expected class labels or real-valued targets")
+    if array.ndim < 1 or array.shape[0] != n:
+        raise DataError(f"{where} has shape {array.shape}; expected {n} rows, one target per input")
+    with np.errstate(over="ignore"):
+        y = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(y).all():
+        raise DataError(f"{where} holds NaN or infinite values (after conversion to float32)")
+    return torch.from_numpy(y)
 
 
 def _as_indices(array: np.ndarray, n: int, where: str) -> torch.Tensor:
@@ -228,7 +293,7 @@ def _load_hook(spec: str, split: str | None) -> Dataset:
     return dataset
 
 
-def _stack_items(dataset: Dataset, spec: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _stack_items(dataset: Dataset, spec: str, real_targets: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     try:
         n = len(dataset)
     except Exception as exc:
@@ -236,7 +301,7 @@ def _stack_items(dataset: Dataset, spec: str) -> tuple[torch.Tensor, torch.Tenso
     if n == 0:
         raise DataError(f"{spec}: the dataset is empty")
     xs: list[np.ndarray] = []
-    ys: list[int] = []
+    ys: list[Any] = []
     labelled: bool | None = None
     for i in range(n):
         try:
@@ -253,10 +318,14 @@ def _stack_items(dataset: Dataset, spec: str) -> tuple[torch.Tensor, torch.Tenso
         x_item = item[0] if has_label else item
         xs.append(_item_input(x_item, f"{spec}: dataset[{i}]", xs[0].shape if xs else None))
         if has_label:
-            ys.append(_item_label(item[1], f"{spec}: dataset[{i}]"))
+            where = f"{spec}: dataset[{i}]"
+            ys.append(_item_target(item[1], where, ys[0].shape if ys else None) if real_targets else _item_label(item[1], where))
     x = _as_inputs(np.stack(xs), f"{spec}: inputs")
-    y = torch.tensor(ys, dtype=torch.int64) if labelled else None
-    return x, y
+    if not labelled:
+        return x, None
+    if real_targets:
+        return x, _as_targets(np.stack(ys), n, f"{spec}: targets", real_targets=True)
+    return x, torch.tensor(ys, dtype=torch.int64)
 
 
 def _item_input(value: Any, where: str, shape: tuple[int, ...] | None) -> np.ndarray:
@@ -267,6 +336,20 @@ def _item_input(value: Any, where: str, shape: tuple[int, ...] | None) -> np.nda
         raise DataError(f"{where}: input is {kind}; expected a numeric tensor or array")
     if shape is not None and value.shape != shape:
         raise DataError(f"{where}: input has shape {value.shape}, unlike dataset[0] with {shape}")
+    return value
+
+
+def _item_target(value: Any, where: str, shape: tuple[int, ...] | None) -> np.ndarray:
+    """A hook item's target as an array: a class index or a real-valued scalar/array."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, (bool, int, float, np.number)):
+        value = np.asarray(value)
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+        kind = f"array of {value.dtype}" if isinstance(value, np.ndarray) else type(value).__name__
+        raise DataError(f"{where}: target is {kind}; expected a class index or a numeric tensor or array")
+    if shape is not None and value.shape != shape:
+        raise DataError(f"{where}: target has shape {value.shape}, unlike dataset[0] with {shape}")
     return value
 
 

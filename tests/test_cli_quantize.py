@@ -73,7 +73,7 @@ def test_fold_bn_and_config(workdir):
     (["quantize", "{w}/mlp.onnx", "-o", "{w}/mlp.onnx"], "refusing to overwrite"),
     (["quantize", "{w}/mlp.onnx", "--method", "median"], "median"),
     (["quantize", "{w}/mlp.onnx", "--rounding", "AP_NEAREST"], "AP_NEAREST"),
-    (["quantize", "{w}/mlp.onnx", "--weight-bits", "40"], "weight_bits"),
+    (["quantize", "{w}/mlp.onnx", "--weight-bits", "40"], "--weight-bits 40"),
     (["quantize", "{w}/mlp.onnx", "--data", "{w}/nothing.npz"], "nothing.npz"),
     (["quantize", "{w}/mlp.onnx", "--config", "{w}/p.toml"], "matches no tensor"),
 ])

@@ -148,3 +148,27 @@ def test_two_gloo_processes_match_one(mlp_file, tmp_path):
             # Tolerance 1e-9 absolute: the gradient sums run in another order with two processes.
             # Observed: float32 training bit-identical, float64 within 4e-15 on a few binary points.
             torch.testing.assert_close(b["states"][dtype][k], v, rtol=0, atol=1e-9, msg=f"{dtype} {k}")
+
+
+def test_a_verify_mismatch_is_one_line_and_writes_no_model(mlp_file, small_npz, tmp_path, monkeypatch):
+    """The error path of the final verify runs for real: one weight of the ONNX about to be written
+    is changed, onnxruntime then disagrees with the emulation, and nothing is written."""
+    import qfx_onnx.quant.annotated_write as annotated_write
+
+    real = annotated_write.build_annotated
+
+    def corrupted(model, **kwargs):
+        proto = real(model, **kwargs)
+        weight = next(t for t in proto.graph.initializer if t.name == "3.weight::raw")
+        values = numpy_helper.to_array(weight).copy()
+        values[:4] += 0.5
+        weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+        return proto
+
+    monkeypatch.setattr(annotated_write, "build_annotated", corrupted)
+    out = tmp_path / "bad.qfx.onnx"
+    result = invoke(mlp_file, "--data", small_npz, "-o", out, "--epochs", "1", "--batch-size", "100")
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output and "AttributeError" not in result.output
+    assert "not written" in result.output and "3.weight" in result.output
+    assert not out.exists()

@@ -137,6 +137,17 @@ def test_bad_options_are_errors(tmp_path):
             export_hls(fpm, tmp_path / "bad", data=(digits("test"),), n_vectors=2, **kw)
 
 
+@pytest.mark.parametrize("count", ["0", "-3", "100001", "1000000000"])
+def test_test_vector_counts_are_bounded_before_any_work(tmp_path, count):
+    """A count that would size memory past the stated bound is refused before the model is read."""
+    missing_model = tmp_path / "never_read.qfx.onnx"
+    missing_model.write_bytes(b"not onnx: reading it would be a different error")
+    result = CliRunner().invoke(app, ["export-hls", str(missing_model), "-o", str(tmp_path / "prj"), "--test-vectors", count])
+    assert result.exit_code == 1
+    assert f"--test-vectors {count}: must be from 1 to 100,000" in result.output
+    assert not (tmp_path / "prj").exists()
+
+
 def test_output_folder_needs_force_and_is_replaced_whole(tmp_path):
     fpm = ptq("mlp")
     out = tmp_path / "prj"

@@ -244,3 +244,16 @@ def test_opset_8_zoo_idioms():
     model = make_model(nodes, inputs, [value_info("y", ["N", 4])], opset=8, initializers=inits)
     from onnx_builders import assert_matches_ort, random_feeds
     assert_matches_ort(model, random_feeds(model, batch=3))
+
+
+def test_cli_inspect_of_a_chunked_graph_scores_every_sample(tmp_path):
+    model = token_concat(1)
+    path, data = tmp_path / "token.onnx", tmp_path / "seq.npz"
+    onnx.save(model, path)
+    x = RNG.standard_normal((30, 4, 8)).astype(np.float32)
+    y = per_chunk_ort(model, x, 1).argmax(axis=1)
+    y[:10] = (y[:10] + 1) % 3  # 20 of 30 right
+    np.savez(data, x=x, y=y)
+    result = CliRunner().invoke(app, ["inspect", str(path), "--data", str(data)])
+    assert result.exit_code == 0, result.output
+    assert "66.67% (30 samples" in result.output

@@ -81,11 +81,21 @@ def _input_quantizers(fpm) -> list:
     return out
 
 
+MAX_TEST_VECTORS = 100_000
+"""The most test vectors a testbench holds: the codes are kept in memory and written as text, and
+the C simulation runs them one by one (at -O0), so even this many takes minutes."""
+
+
+def check_vector_count(n: int) -> None:
+    """Raise ExportError unless ``1 <= n <= MAX_TEST_VECTORS`` (checked before any work)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_TEST_VECTORS:
+        raise ExportError(f"--test-vectors {n}: must be from 1 to {MAX_TEST_VECTORS:,}")
+
+
 def test_inputs(fpm, data: tuple[torch.Tensor, ...] | None, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """``n`` test vectors per graph input: the first rows of ``data``, or (no data) random codes
     spread over each input type's whole range, as float64 values."""
-    if n < 1:
-        raise ExportError("--test-vectors must be at least 1")
+    check_vector_count(n)
     if data is not None:
         if any(len(x) < 1 for x in data):
             raise ExportError("the test data holds no rows")

@@ -70,6 +70,15 @@ def write_annotated(model: FixedPointModel, path: str | os.PathLike, *, example_
     return proto
 
 
+def save_annotated(proto: onnx.ModelProto, model: FixedPointModel, path: str | os.PathLike) -> None:
+    """Write ``proto`` (from :func:`build_annotated` of ``model``) to ``path`` atomically, with
+    :func:`write_annotated`'s guarantee that the file ``model`` was read from is never
+    overwritten. For callers that verify the model before writing it."""
+    read_path, _ = READ_FROM.get(model, (None, None))
+    _refuse_overwrite(path, [p for p in (read_path,) if p])
+    _save_atomically(proto, Path(path))
+
+
 def build_annotated(model: FixedPointModel, *, example_input: Examples = None, source: str | None = None) -> onnx.ModelProto:
     """The annotated ModelProto of ``model`` (what :func:`write_annotated` writes), checked."""
     gm = model.graph_module
@@ -548,4 +557,4 @@ def _save_atomically(proto: onnx.ModelProto, path: Path) -> None:
     write_atomic(path, proto.SerializeToString(), what="annotated ONNX model", error=ExportError)
 
 
-__all__ = ["build_annotated", "emitter", "write_annotated"]
+__all__ = ["build_annotated", "emitter", "save_annotated", "write_annotated"]

@@ -56,7 +56,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | fx.GraphModule,
     if isinstance(data, torch.Tensor):
         x = data
     else:
-        x, _ = load_arrays(data, calibration_split(data))
+        x, _ = load_arrays(data, calibration_split(data), real_targets=True)  # only x calibrates; any y may be real-valued
     if calib_samples < 1:
         raise DataError(f"--calib-samples must be at least 1, got {calib_samples}")
     info = getattr(gm, "onnx_info", None)
