@@ -37,7 +37,6 @@ The model is also a plain ``nn.Module`` for your own loop::
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import math
@@ -57,6 +56,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from qfx_onnx.errors import QfxError
 from qfx_onnx.fixed.quantizer import BinaryPointQuantizer
+from qfx_onnx.fxcopy import copy_module
 from qfx_onnx.quant.quantize import FixedPointModel, align_bias_fracs
 from qfx_onnx.train import checkpoint as ckpt
 from qfx_onnx.train import distributed as dist_util
@@ -238,7 +238,7 @@ def _aligned(model: FixedPointModel) -> FixedPointModel:
     """A copy of ``model`` with every bias aligned to its layer's product LSB, as the returned
     model will be: learned binary points of inputs and weights move that LSB, and evaluating the
     aligned copy makes the metrics of the selected epoch those of the returned model."""
-    copy_ = copy.deepcopy(model)
+    copy_ = copy_module(model)
     align_bias_fracs(copy_)
     return copy_.to(next(model.parameters()).device, torch.float64)
 
@@ -324,7 +324,7 @@ class _Run:
                             "structure": hashlib.sha256(repr(describe(self.model)).encode()).hexdigest()[:16],
                             "train_samples": self.batches.n if self.batches else None,
                             "steps_per_epoch": self.steps_per_epoch}
-        self.net = copy.deepcopy(self.model).to(DTYPES[cfg.train_dtype])
+        self.net = copy_module(self.model).to(DTYPES[cfg.train_dtype])
         self.net.train()
         if self.ctx.active:
             for name in activation_quantizers(self.net):
