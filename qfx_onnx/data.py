@@ -227,9 +227,25 @@ def _as_inputs(array: np.ndarray, where: str) -> torch.Tensor:
         raise DataError(f"{where} has shape {array.shape}; expected at least one sample along axis 0")
     with np.errstate(over="ignore"):  # overflow becomes inf, reported just below
         x = np.ascontiguousarray(array, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise DataError(f"{where} holds NaN or infinite values (after conversion to float32)")
+    _check_finite(x, where)
     return torch.from_numpy(x)
+
+
+def _check_finite(x: np.ndarray, where: str) -> None:
+    """Raise DataError naming the first sample (row) holding NaN or an infinity."""
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1) if x.ndim else ~np.isfinite(x)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise DataError(f"{where} holds NaN or infinite values in {len(rows)} sample(s), the first at index {int(rows[0])} "
+                        "(after conversion to float32)")
+
+
+def as_inputs(x: torch.Tensor | np.ndarray, source: str = "data") -> torch.Tensor:
+    """``x`` (samples along axis 0) as a float32 CPU tensor, checked: numeric, at least one
+    sample, every value finite. Raises DataError naming ``source`` and the first bad sample."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return _as_inputs(np.asarray(x), source)
 
 
 def _as_labels(array: np.ndarray, n: int, where: str) -> torch.Tensor:
@@ -253,8 +269,7 @@ def _as_targets(array: np.ndarray, n: int, where: str, real_targets: bool) -> to
         raise DataError(f"{where} has shape {array.shape}; expected {n} rows, one target per input")
     with np.errstate(over="ignore"):
         y = np.ascontiguousarray(array, dtype=np.float32)
-    if not np.isfinite(y).all():
-        raise DataError(f"{where} holds NaN or infinite values (after conversion to float32)")
+    _check_finite(y, where)
     return torch.from_numpy(y)
 
 

@@ -303,3 +303,28 @@ def test_check_matches_model() -> None:
         check_matches_model(x, [None, 64])
     with pytest.raises(DataError, match=r"axis 1: 1 != 3"):
         check_matches_model(x, [None, 3, 8, 8])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("kind", ["tensor", "numpy"])
+def test_non_finite_inputs_given_to_the_api_name_the_sample(bad, kind):
+    import qfx_onnx
+
+    x = np.random.default_rng(0).random((20, 1, 8, 8)).astype(np.float32)
+    x[13, 0, 2, 5] = bad
+    data = torch.from_numpy(x) if kind == "tensor" else x
+    with pytest.raises(DataError, match=r"calibration data holds NaN or infinite values in 1 sample\(s\), the first at index 13"):
+        qfx_onnx.quantize(Path(__file__).resolve().parents[1] / "models" / "mlp.onnx", data)
+
+
+def test_non_finite_inputs_from_a_hook_name_the_sample(tmp_path, monkeypatch):
+    (tmp_path / "nanhook.py").write_text(
+        "import torch\n"
+        "from torch.utils.data import TensorDataset\n"
+        "def make():\n"
+        "    x = torch.zeros(6, 3)\n"
+        "    x[4, 1] = float('nan')\n"
+        "    return TensorDataset(x, torch.zeros(6, dtype=torch.long))\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"nanhook:make: inputs holds NaN or infinite values in 1 sample\(s\), the first at index 4"):
+        load_arrays("nanhook:make")

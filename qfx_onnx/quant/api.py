@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from torch import fx
 
-from qfx_onnx.data import check_matches_model, load_arrays
+from qfx_onnx.data import as_inputs, check_matches_model, load_arrays
 from qfx_onnx.errors import DataError
 from qfx_onnx.importer import load_onnx
 from qfx_onnx.quant.fold_bn import fold_batchnorm
@@ -35,26 +36,26 @@ def _has_splits(spec: str | os.PathLike) -> bool:
     path = Path(spec)
     if path.suffix != ".npz" or not path.is_file():
         return False
-    import numpy as np
-
     with np.load(path, allow_pickle=False) as z:
         return "train_idx" in z.files and "test_idx" in z.files
 
 
 def quantize(model: str | os.PathLike | onnx.ModelProto | fx.GraphModule,
-             data: str | os.PathLike | torch.Tensor, *, policy: Policy | None = None, config: str | os.PathLike | None = None,
+             data: str | os.PathLike | torch.Tensor | np.ndarray, *, policy: Policy | None = None, config: str | os.PathLike | None = None,
              method: str = "max", calib_samples: int = 512, fold_bn: bool = False, per_channel: bool = False,
              **policy_flags) -> FixedPointModel:
     """Post-training quantization of a float ONNX model: every tensor becomes an ``ap_fixed``.
 
     ``data`` is a dataset spec (``.npz``/``.npy``/``module:function``; the train split when the
-    .npz has one) or a tensor of inputs; the first ``calib_samples`` samples calibrate the binary
-    points with ``method`` (``max``, ``percentile`` or ``mse``). The policy comes from ``policy``,
-    or from ``config`` (TOML/JSON) and keyword flags such as ``weight_bits=6``.
+    .npz has one) or a tensor or numpy array of inputs (samples along axis 0); the first
+    ``calib_samples`` samples calibrate the binary points with ``method`` (``max``,
+    ``percentile`` or ``mse``). The policy comes from ``policy``, or from ``config`` (TOML/JSON)
+    and keyword flags such as ``weight_bits=6``. Raises DataError for data holding NaN or
+    infinities (naming the first bad sample) or not fitting the model's input.
     """
     gm = model if isinstance(model, fx.GraphModule) else load_onnx(model)
-    if isinstance(data, torch.Tensor):
-        x = data
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        x = as_inputs(data, "calibration data")
     else:
         x, _ = load_arrays(data, calibration_split(data), real_targets=True)  # only x calibrates; any y may be real-valued
     if calib_samples < 1:
