@@ -78,3 +78,18 @@ def test_nan_weight_is_one_line_and_writes_nothing(classifier, command):
     assert result.exit_code != 0
     assert "Traceback" not in result.output and "non-finite" in result.output and "'w'" in result.output
     assert not (path.parent / "nan.qfx.onnx").exists()
+
+
+@pytest.mark.parametrize("command", ["inspect", "quantize"])
+def test_labels_outside_the_model_outputs_are_refused(classifier, command, tmp_path):
+    path, data, _ = classifier
+    with np.load(data) as z:
+        x, y = z["x"], z["y"].copy()
+    y[7] = 10  # the model has 10 class outputs: 0..9
+    bad = tmp_path / "bad_labels.npz"
+    np.savez(bad, x=x, y=y)
+    result = runner.invoke(app, [command, str(path), "--data", str(bad), "-o", str(tmp_path / "o.qfx.onnx")]
+                           if command == "quantize" else [command, str(path), "--data", str(bad)])
+    assert result.exit_code == 1, result.output
+    assert "label 10 is out of range for a model with 10 class outputs" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o.qfx.onnx").exists()
