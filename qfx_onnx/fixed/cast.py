@@ -11,6 +11,7 @@ exact only for types with at most 24 significant bits. Tested against
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from qfx_onnx.fixed.types import FixedType, OverflowMode as O, QuantMode as Q
@@ -169,11 +170,14 @@ def _int_type_codes(x: torch.Tensor, t: FixedType) -> torch.Tensor:
     return _sign_extend(_low64(v), t.width, t.signed)
 
 
-def cast_codes(x: torch.Tensor, t: FixedType | str) -> torch.Tensor:
+def cast_codes(x: torch.Tensor | np.ndarray, t: FixedType | str) -> torch.Tensor | np.ndarray:
     """Raw int64 codes of ``T(x)`` (value = code * 2**-F), exact for every W <= 64.
 
     For 64-bit unsigned types the int64 holds the bit pattern (codes >= 2**63 read negative).
+    A numpy array (or number, list) gives a numpy int64 array back.
     """
+    if not isinstance(x, torch.Tensor):
+        return cast_codes(_from_numpy(x), t).numpy()
     t = FixedType.coerce(t)
     _check(x, t)
     if t.is_int:
@@ -185,14 +189,19 @@ def cast_codes(x: torch.Tensor, t: FixedType | str) -> torch.Tensor:
     return _low64(_overflow_float(qv, t))
 
 
-def cast(x: torch.Tensor, t: FixedType | str) -> torch.Tensor:
+def cast(x: torch.Tensor | np.ndarray, t: FixedType | str) -> torch.Tensor | np.ndarray:
     """``T(x)`` for every element: the value an ``ap_fixed``/``ap_int`` holds after ``T v = (double)x``.
 
     Works on CPU and CUDA, float32 and float64, any shape; returns the input's dtype and device.
-    Exact whenever the result is representable in that dtype (float64: 53 significant bits,
-    float32: 24); a wider value is returned rounded to nearest, so use :func:`cast_codes` or
-    float64 where wider values must be exact. ``-0.0`` casts to ``+0.0``, as in HLS.
+    A numpy array (or a Python number or list) gives a numpy array back: float32 and float64
+    arrays keep their dtype, anything else is cast as float64. Exact whenever the result is
+    representable in that dtype (float64: 53 significant bits, float32: 24); a wider value is
+    returned rounded to nearest, so use :func:`cast_codes` or float64 where wider values must be
+    exact. ``-0.0`` casts to ``+0.0``, as in HLS. Raises TypeError for a non-float tensor or
+    non-numeric data, ValueError for W > 64.
     """
+    if not isinstance(x, torch.Tensor):
+        return cast(_from_numpy(x), t).numpy()
     t = FixedType.coerce(t)
     _check(x, t)
     if _needs_int_path(t):
@@ -205,6 +214,14 @@ def cast(x: torch.Tensor, t: FixedType | str) -> torch.Tensor:
     qv, _ = _round(y, t.q)
     qv = _overflow_float(qv, t)
     return (qv.mul_(2.0**-t.frac).add_(0.0)).to(x.dtype)
+
+
+def _from_numpy(x) -> torch.Tensor:
+    """A numpy array, number or list as a float tensor (float32/float64 kept, others float64)."""
+    array = np.asarray(x)
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"cast expects numbers, got an array of {array.dtype}")
+    return torch.from_numpy(np.array(array, dtype=array.dtype if array.dtype.kind == "f" and array.dtype.itemsize >= 4 else np.float64))
 
 
 def _check(x: torch.Tensor, t: FixedType) -> None:

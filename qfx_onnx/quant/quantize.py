@@ -25,10 +25,11 @@ import logging
 from dataclasses import dataclass
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import fx, nn
 
-from qfx_onnx.batching import fixed_batch_of, run_in_chunks
+from qfx_onnx.batching import fixed_batch_of, join_chunks, run_in_chunks
 from qfx_onnx.errors import QfxError
 from qfx_onnx.fixed.quantizer import FixedQuantizer
 from qfx_onnx.fixed.types import FixedType
@@ -236,10 +237,32 @@ class FixedPointModel(nn.Module):
         self.sites = sites
         self.onnx_info = getattr(graph_module, "onnx_info", None)
 
-    def forward(self, *inputs: torch.Tensor):
-        """The emulation on ``inputs`` (any batch; a graph fixed to one batch runs in chunks)."""
+    def forward(self, *inputs: torch.Tensor | np.ndarray):
+        """The emulation on ``inputs`` (torch tensors or numpy arrays, batch first, any batch: a
+        graph fixed to one batch runs in chunks), in the parameters' dtype (float64 unless
+        training moved it). Differentiable; for inference without autograd use :meth:`predict`."""
         dtype = _param_dtype(self.graph_module)
-        return run_in_chunks(self.graph_module, [x.to(dtype) for x in inputs], fixed_batch_of(self.graph_module))
+        tensors = [torch.from_numpy(np.asarray(x)) if not isinstance(x, torch.Tensor) else x for x in inputs]
+        device = next((p.device for p in self.graph_module.parameters()), torch.device("cpu"))
+        return run_in_chunks(self.graph_module, [x.to(device, dtype) for x in tensors], fixed_batch_of(self.graph_module))
+
+    def predict(self, *inputs: torch.Tensor | np.ndarray, batch_size: int = 1024):
+        """Inference: the exact emulation of ``inputs`` in batches of ``batch_size``, without
+        autograd and in eval mode (restored after). Returns what :meth:`forward` does, detached;
+        numpy arrays in give numpy arrays out."""
+        as_numpy = any(isinstance(x, np.ndarray) for x in inputs)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                n = len(inputs[0])
+                parts = [self(*(x[i:i + batch_size] for x in inputs)) for i in range(0, n, batch_size)]
+        finally:
+            self.train(was_training)
+        out = join_chunks(parts, n)
+        if not as_numpy:
+            return out
+        return tuple(o.cpu().numpy() for o in out) if isinstance(out, tuple) else out.cpu().numpy()
 
     def quantizers(self) -> dict[str, FixedQuantizer]:
         """ONNX tensor name -> its quantizer, in graph order."""
