@@ -8,7 +8,10 @@ import typer
 from rich.table import Table
 
 from qfx_onnx.errors import ExportError, OnnxModelError
-from qfx_onnx_cli.main import app, console, run_command
+from qfx_onnx.hls.export import IoMode
+from qfx_onnx_cli.main import QfxCommand, app, run_command
+from qfx_onnx_cli.options import AnnotatedModel, Force, Io, Json, Quiet, TestData
+from qfx_onnx_cli.output import Output
 
 DEFAULT_PART = "xcvu9p-flga2104-2-e"
 
@@ -25,44 +28,60 @@ def report_table(report: dict) -> Table:
     """The resource estimate as a rich table, one row per layer plus the totals."""
     table = Table(title=f"resource estimate ({report['io']} io, reuse factor {report['reuse_factor']}, "
                         f"{report['part']} @ {report['clock_ns']} ns)")
-    for col in ("layer", "kind", "multiplies (bits)", "DSP", "LUT", "shift-add", "weight bits", "BRAM18K", "latency"):
-        table.add_column(col, justify="left" if col in ("layer", "kind", "multiplies (bits)") else "right")
+    for col in MULTIPLY_COLUMNS:
+        table.add_column(col, justify="left" if col in ("layer", "kind", "operand bits") else "right")
     for e in report["layers"]:
-        mults = ", ".join(f"{k}: {m['count']}" for k, m in e["multiplies"].items()) or "-"
-        table.add_row(e["layer"], e["kind"], mults, str(e["dsp"]), str(e["lut"]), str(e["shift_add_terms"]),
-                      str(e["weight_bits"]), str(e["bram18"]), str(e["latency"]))
+        widths = ", ".join(e["multiplies"]) or "-"
+        products = sum(m["count"] for m in e["multiplies"].values())
+        table.add_row(e["layer"], e["kind"], widths, str(e["multipliers"]), str(products), str(e["dsp"]), str(e["lut"]),
+                      str(e["shift_add_terms"]), str(e["weight_bits"]), str(e["bram18"]), str(e["latency"]))
     t = report["totals"]
-    table.add_row("total", "", "", str(t["dsp"]), str(t["lut"]), str(t["shift_add_terms"]), str(t["weight_bits"]),
+    table.add_row("total", "", "", str(t["multipliers"]), str(sum(sum(m["count"] for m in e["multiplies"].values())
+                                                                 for e in report["layers"])),
+                  str(t["dsp"]), str(t["lut"]), str(t["shift_add_terms"]), str(t["weight_bits"]),
                   str(t["bram18"]), f"{t['latency_cycles']} ({t['latency_ns']} ns)", style="bold")
+    table.caption = ("multipliers: multiplier instances in hardware (products per pipelined iteration / reuse factor); "
+                     "products: multiplications per inference; latency in clock cycles")
     return table
 
 
-@app.command("export-hls")
+# The same columns, with the same meaning, as the generated project's README (hls/codegen.py).
+MULTIPLY_COLUMNS = ("layer", "kind", "operand bits", "multipliers", "products", "DSP", "LUT", "shift-add", "weight bits",
+                    "BRAM18K", "latency")
+
+
+@app.command("export-hls", cls=QfxCommand)
 def export_hls(
-    model: Path = typer.Argument(..., help="Annotated ONNX written by qfx-onnx quantize or finetune."),
-    output: Path = typer.Option(..., "-o", "--output", help="Project folder to create."),
+    model: AnnotatedModel,
+    output: Path = typer.Option(..., "-o", "--output", metavar="FOLDER", help="Project folder to create."),
     csim: bool = typer.Option(False, "--csim", help="Compile with g++ against ap_fixed.h and run the testbench; "
                                                     "fail unless every output bit matches."),
-    io: str = typer.Option("parallel", "--io", help="parallel (arrays) or stream (hls::stream ports, DATAFLOW)."),
+    io: Io = IoMode.PARALLEL.value,
     reuse_factor: int = typer.Option(1, "--reuse-factor", help="Initiation interval of each layer's pipelined loop."),
     part: str = typer.Option(DEFAULT_PART, "--part", help="FPGA part for build.tcl."),
     clock_ns: float = typer.Option(5.0, "--clock-ns", help="Clock period for build.tcl and latency in ns."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    force: Force = False,
     test_vectors: int = typer.Option(20, "--test-vectors", help="Number of test vectors in the testbench."),
-    data: Path | None = typer.Option(None, "--data", help="Test inputs: .npz/.npy/module:function, labels optional "
-                                                          "(test split when the .npz has one). Default: random input codes."),
+    data: TestData = None,
     khot_max: int = typer.Option(0, "--khot-max", help="Emit weights whose codes all have at most K signed "
                                                       "digits as shift-adds (0: only weights annotated K-hot)."),
-    top: str | None = typer.Option(None, "--top", help="Top function name (default: from the file name)."),
+    top: str | None = typer.Option(None, "--top", show_default="from the file name: cnn.qfx.onnx -> cnn",
+                                   help="Top function name."),
     jobs: int = typer.Option(2, "--jobs", help="Parallel compiler jobs for --csim."),
+    quiet: Quiet = False,
+    json_output: Json = False,
 ) -> None:
-    """Generate a Vitis HLS project whose C simulation reproduces the PyTorch emulation bit for bit."""
+    """Generate a Vitis HLS project whose C simulation reproduces the PyTorch emulation bit for bit.
+
+    --json: project, top, layers, estimate (as report.json), csim (null without --csim).
+    """
     args = dict(locals())
-    run_command(lambda: _export_hls(**args))
+    out = Output(json_mode=args.pop("json_output"), quiet=args.pop("quiet"))
+    run_command(lambda: _export_hls(**args, out=out))
 
 
 def _export_hls(model, output, csim, io, reuse_factor, part, clock_ns, force, test_vectors, data, khot_max, top,
-                jobs) -> None:
+                jobs, out: Output) -> None:
     from qfx_onnx.data import load_arrays
     from qfx_onnx.hls.project import check_output_dir, check_vector_count, export_hls as export
     from qfx_onnx.quant.annotated import read_annotated
@@ -74,26 +93,34 @@ def _export_hls(model, output, csim, io, reuse_factor, part, clock_ns, force, te
     check_output_dir(output, force=force, protect=(model,))
     inputs = None
     if data is not None:
-        x, _ = load_arrays(str(data), evaluation_split(str(data)), real_targets=True)  # inputs only; any y is ignored
+        x, _ = load_arrays(data, evaluation_split(data), real_targets=True)  # inputs only; any y is ignored
         inputs = (x,)
-    with console.status("reading the annotated model"):
+    with out.status("reading the annotated model"):
         fixed = read_annotated(model)
-    with console.status("generating the HLS project"):
+    with out.status("generating the HLS project"):
         result = export(fixed, output, top=top or default_top(model), io=io, reuse_factor=reuse_factor, part=part,
                         clock_ns=clock_ns, force=force, data=inputs, n_vectors=test_vectors, khot_max=khot_max,
                         protect=(model,))
-    console.print(report_table(result.report))
-    console.print(f"wrote {result.project} (top function {result.model.top}, {len(result.model.layers)} layers)")
+    out.table(report_table(result.report))
+    payload = {"project": str(result.project), "top": result.model.top, "layers": len(result.model.layers),
+               "estimate": result.report, "csim": None}
+    written = f"wrote {result.project} (top function {result.model.top}, {len(result.model.layers)} layers)"
     if not csim:
+        out.final(written)
+        out.result(payload)
         return
+    out.line(written)
     from qfx_onnx.hls.csim import run_csim
 
-    with console.status("C simulation: compiling with g++"):
+    with out.status("C simulation: compiling with g++"):
         sim = run_csim(result.project, result.model.top, jobs=jobs)
-    console.print(f"csim: {sim.vectors} test vectors, {sim.values} output values, {sim.mismatches} mismatches "
-                  f"(compile {sim.compile_s:.1f} s, run {sim.run_s:.2f} s)")
+    payload["csim"] = {"vectors": sim.vectors, "values": sim.values, "mismatches": sim.mismatches,
+                       "compile_s": sim.compile_s, "run_s": sim.run_s, "passed": sim.passed}
+    out.line(f"csim: {sim.vectors} test vectors, {sim.values} output values, {sim.mismatches} mismatches "
+             f"(compile {sim.compile_s:.1f} s, run {sim.run_s:.2f} s)")
+    out.result(payload)
     if not sim.passed:
         details = sim.output.strip().splitlines()
         raise ExportError(f"C simulation failed: {sim.mismatches} mismatching values"
                           + (f"; first: {details[0]}" if details else ""))
-    console.print("csim: bit-exact with the PyTorch emulation")
+    out.final("csim: bit-exact with the PyTorch emulation")

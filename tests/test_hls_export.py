@@ -189,6 +189,33 @@ def test_cli_options_reach_the_project(tmp_path):
     assert runner.invoke(app, args + ["--force"]).exit_code == 0
 
 
+def test_estimate_says_the_same_in_the_cli_and_the_generated_readme(tmp_path):
+    """Multiplier instances and products per inference, the same numbers in both places; a max
+    pool (channels unrolled like conv) is never slower than the conv feeding it."""
+    fpm = ptq("cnn")
+    annotated = tmp_path / "cnn.qfx.onnx"
+    write_annotated(fpm, annotated, example_input=digits("test")[:1])
+    out = tmp_path / "prj"
+    res = CliRunner().invoke(app, ["export-hls", str(annotated), "-o", str(out), "--test-vectors", "2"], env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    readme = (out / "README.md").read_text()
+    for e in report["layers"]:
+        products = sum(m["count"] for m in e["multiplies"].values())
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {e['layer']} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[4:6] == [str(e["multipliers"]), str(products)]
+        cli_row = next(line for line in res.output.splitlines() if f" {e['layer']} " in line)
+        assert f" {e['multipliers']} " in cli_row and f" {products} " in cli_row
+    convs = [e for e in report["layers"] if e["kind"] == "conv"]
+    assert convs and all(e["multipliers"] < sum(m["count"] for m in e["multiplies"].values()) for e in convs)
+    layers = report["layers"]
+    for before, pool in zip(layers, layers[1:]):
+        if pool["kind"] == "pool" and before["kind"] == "conv":
+            assert pool["latency"] <= before["latency"], (before, pool)
+    assert "*multipliers*: multiplier instances in hardware" in readme
+
+
 # ------------------------------------------------------------------------------------ K-hot
 def test_khot_max_selects_weights_whose_codes_have_few_digits(tmp_path):
     from qfx_onnx.hls.shift_add import csd_digits

@@ -540,9 +540,11 @@ def render_readme(p: dict) -> str:
     from qfx_onnx.hls.estimate import __doc__ as model_doc
 
     rows = "\n".join(
-        f"| {e['layer']} | {e['kind']} | {e['op']} | {e['multipliers']} | {e['dsp']} | {e['lut']} | "
+        f"| {e['layer']} | {e['kind']} | {e['op']} | {', '.join(e['multiplies']) or '-'} | {e['multipliers']} | "
+        f"{sum(m['count'] for m in e['multiplies'].values())} | {e['dsp']} | {e['lut']} | "
         f"{e['shift_add_terms']} | {e['weight_bits']} | {e['bram18']} | {e['latency']} |"
         for e in p["report"]["layers"])
+    products = sum(m["count"] for e in p["report"]["layers"] for m in e["multiplies"].values())
     t = p["report"]["totals"]
     ports_in = ", ".join(f"`{b.ident}` ({b.size} x `{b.ctype.type}`)" for b in p["inputs"])
     ports_out = ", ".join(f"`{b.ident}` ({b.size} x `{b.ctype.type}`)" for b in p["outputs"])
@@ -602,10 +604,14 @@ call) and one reader (an array that several layers read goes through `fanout2` c
 
 ## Resource estimate
 
-| layer | kind | op | multipliers | DSP | LUT | shift-add terms | weight bits | BRAM18K | latency |
-|---|---|---|---|---|---|---|---|---|---|
+| layer | kind | op | operand bits | multipliers | products | DSP | LUT | shift-add terms | weight bits | BRAM18K | latency |
+|---|---|---|---|---|---|---|---|---|---|---|---|
 {rows}
-| **total** | | | {t['multipliers']} | {t['dsp']} | {t['lut']} | {t['shift_add_terms']} | {t['weight_bits']} | {t['bram18']} | {t['latency_cycles']} |
+| **total** | | | | {t['multipliers']} | {products} | {t['dsp']} | {t['lut']} | {t['shift_add_terms']} | {t['weight_bits']} | {t['bram18']} | {t['latency_cycles']} |
+
+*multipliers*: multiplier instances in hardware (products per pipelined iteration / reuse
+factor); *products*: multiplications per inference; *latency*: clock cycles. The same columns,
+with the same numbers, as `qfx-onnx export-hls` prints.
 
 Interval {t['interval_cycles']} cycles; latency {t['latency_ns']} ns at {p['clock_ns']} ns.
 

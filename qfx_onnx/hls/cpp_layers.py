@@ -183,13 +183,15 @@ ConvRows:
 template <class data_T, class res_T, class CONFIG_T>
 void pool2d(const data_T x[CONFIG_T::n_chan * CONFIG_T::in_h * CONFIG_T::in_w],
             res_T y[CONFIG_T::n_chan * CONFIG_T::out_h * CONFIG_T::out_w]) {
-PoolChannels:
-  for (int c = 0; c < CONFIG_T::n_chan; c++) {
-  PoolRows:
-    for (int oh = 0; oh < CONFIG_T::out_h; oh++) {
-    PoolCols:
-      for (int ow = 0; ow < CONFIG_T::out_w; ow++) {
+// One pipelined iteration per output pixel with every channel unrolled, as conv2d does, so a pool
+// never takes longer than the convolution feeding it.
+PoolRows:
+  for (int oh = 0; oh < CONFIG_T::out_h; oh++) {
+  PoolCols:
+    for (int ow = 0; ow < CONFIG_T::out_w; ow++) {
 #pragma HLS PIPELINE II = CONFIG_T::reuse_factor
+    PoolChannels:
+      for (int c = 0; c < CONFIG_T::n_chan; c++) {
         typename CONFIG_T::accum_t acc = 0;
         bool first = true;
         for (int kh = 0; kh < CONFIG_T::k_h; kh++) {

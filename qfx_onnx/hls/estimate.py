@@ -1,8 +1,9 @@
 """A first-order resource and latency model of a generated project (no synthesis involved).
 
-The model follows the pragmas the generator writes. Each layer's outer loop (dense: rows; conv:
-output pixels; pool, reduce, remap, map: output elements) is pipelined with ``II = R`` (the reuse
-factor), and everything inside one iteration is unrolled, so:
+The model follows the pragmas the generator writes. Each layer's outer loop (dense: rows; conv and
+pool: output pixels; reduce, remap, map: output elements) is pipelined with ``II = R`` (the reuse
+factor), and everything inside one iteration is unrolled (pooling: output pixels, channels
+unrolled, as conv), so:
 
 * **multipliers** per layer = ``ceil(products per iteration / R)`` for each operand-width pair;
 * **DSP48E2** per multiplier: the DSP multiplies 27 x 18 bits signed, so a product of signed
@@ -78,7 +79,7 @@ def _iterations(layer: Layer) -> int:
     if layer.kind == "conv":
         return p["out_h"] * p["out_w"]
     if layer.kind == "pool":
-        return p["n_chan"] * p["out_h"] * p["out_w"]
+        return p["out_h"] * p["out_w"]  # channels unrolled inside the pixel loop, as in conv
     if layer.kind == "concat":
         return sum(x.size for x in layer.inputs)
     return layer.output.size
