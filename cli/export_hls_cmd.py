@@ -10,7 +10,7 @@ from rich.table import Table
 from qfx_onnx.errors import ExportError, OnnxModelError
 from qfx_onnx.hls.export import IoMode
 from qfx_onnx_cli.main import QfxCommand, app, run_command
-from qfx_onnx_cli.options import AnnotatedModel, Force, Io, Json, Quiet, TestData
+from qfx_onnx_cli.options import AnnotatedModel, Force, Io, Json, Quiet, TestData, find_default_data
 from qfx_onnx_cli.output import Output
 
 DEFAULT_PART = "xcvu9p-flga2104-2-e"
@@ -92,6 +92,9 @@ def _export_hls(model, output, csim, io, reuse_factor, part, clock_ns, force, te
     check_vector_count(test_vectors)
     check_output_dir(output, force=force, protect=(model,))
     inputs = None
+    if data is None and find_default_data(model) is not None:
+        data = str(find_default_data(model))
+        out.line(f"test data: {data} (the .npz beside the model)")
     if data is not None:
         x, _ = load_arrays(data, evaluation_split(data), real_targets=True)  # inputs only; any y is ignored
         inputs = (x,)
@@ -101,6 +104,9 @@ def _export_hls(model, output, csim, io, reuse_factor, part, clock_ns, force, te
         result = export(fixed, output, top=top or default_top(model), io=io, reuse_factor=reuse_factor, part=part,
                         clock_ns=clock_ns, force=force, data=inputs, n_vectors=test_vectors, khot_max=khot_max,
                         protect=(model,))
+    if inputs is None:
+        out.warn("no --data: the testbench uses random input codes, whose outputs mostly sit at the saturation "
+                 "limits; pass --data with real samples for a testbench that exercises the model as deployed")
     out.table(report_table(result.report))
     payload = {"project": str(result.project), "top": result.model.top, "layers": len(result.model.layers),
                "estimate": result.report, "csim": None}

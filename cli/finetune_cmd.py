@@ -12,71 +12,87 @@ from rich.text import Text
 
 from qfx_onnx.errors import DataError, OnnxModelError, QfxError
 from qfx_onnx.train.finetune import Callback
-from qfx_onnx_cli.main import app, console, err_console, run_command
+from qfx_onnx_cli.main import QfxCommand, app, err_console, run_command
+from qfx_onnx_cli.options import (
+    DEFAULT_CALIBRATION, AnnotatedModel, Calibration, CalibSamples, EvalData, Force, Json, NewActBits, NewBiasBits,
+    NewElementwiseBits, NewInputBits, NewWeightBits, PerChannel, Quiet, TrainingData, Verify, calibration_method,
+    check_new_file)
+from qfx_onnx_cli.output import Output
 
 
-@app.command()
+@app.command(cls=QfxCommand)
 def finetune(
-    model: Path = typer.Argument(..., help="Annotated model from `qfx-onnx quantize` (.qfx.onnx)."),
-    data: str = typer.Option(..., "--data", help="Training data: .npz (x, y; its train split if it has one) or module:function."),
-    output: Path = typer.Option(..., "-o", "--output", help="Annotated ONNX to write with the learned formats."),
-    eval_data: str | None = typer.Option(None, "--eval-data", help="Evaluation data (default: the test split of a --data .npz)."),
-    task: str = typer.Option("classification", help="classification (cross-entropy) or regression (MSE)."),
+    model: AnnotatedModel,
+    data: TrainingData,
+    output: Path = typer.Option(..., "-o", "--output", metavar="FILE", help="Annotated ONNX to write with the learned formats."),
+    eval_data: EvalData = None,
+    task: str = typer.Option("classification", "--task", help="classification (cross-entropy) or regression (MSE)."),
     target: str = typer.Option("y", "--target", help="What the output learns: y (the data's labels or targets) or input "
                                                      "(each sample itself: an autoencoder; with --task regression, y not needed)."),
-    epochs: int = typer.Option(10, help="Training epochs."),
-    batch_size: int = typer.Option(64, help="GLOBAL batch size (split across torchrun processes)."),
-    lr: float = typer.Option(1e-3, help="Learning rate of the weights."),
-    frac_lr: float | None = typer.Option(None, help="Learning rate of the binary points [default: 30 x --lr]."),
-    optimizer: str = typer.Option("adam", help="adam, adamw or sgd (momentum 0.9)."),
-    lr_schedule: str = typer.Option("cosine", help="cosine, step (x0.1 at 50% and 75%) or none."),
-    weight_decay: float = typer.Option(0.0, help="Weight decay of the weights (not biases or binary points)."),
-    seed: int = typer.Option(0, help="Seed: the same seed gives identical results."),
-    patience: int | None = typer.Option(None, help="Stop after this many epochs without a better evaluation."),
+    epochs: int = typer.Option(10, "--epochs", help="Training epochs."),
+    batch_size: int = typer.Option(64, "--batch-size", help="GLOBAL batch size (split across torchrun processes)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Learning rate of the weights."),
+    frac_lr: float | None = typer.Option(None, "--frac-lr", show_default="30 x --lr", help="Learning rate of the binary points."),
+    optimizer: str = typer.Option("adam", "--optimizer", help="adam, adamw or sgd (momentum 0.9)."),
+    lr_schedule: str = typer.Option("cosine", "--lr-schedule", help="cosine, step (x0.1 at 50% and 75%) or none."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="Weight decay of the weights (not biases or binary points)."),
+    seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives identical results."),
+    patience: int | None = typer.Option(None, "--patience", show_default="no early stop",
+                                        help="Stop after this many epochs without a better evaluation."),
+    val_fraction: float | None = typer.Option(None, "--val-fraction", show_default="0.1; none with a val_idx split",
+                                              help="Share of the training data set aside (seeded, stratified by class) to "
+                                                   "select the best epoch on; 0: no selection, the last epoch is kept."),
     freeze_binary_points: bool = typer.Option(False, "--freeze-binary-points", help="Keep every binary point (plain QAT)."),
-    per_channel: bool = typer.Option(False, "--per-channel", help="One binary point per output channel of each weight."),
-    weight_bits: int | None = typer.Option(None, help="New width of weights (recalibrated before training)."),
-    act_bits: int | None = typer.Option(None, help="New width of activations (and of the input unless --input-bits)."),
-    input_bits: int | None = typer.Option(None, help="New width of the model input."),
-    elementwise_bits: int | None = typer.Option(None, help="New width of BatchNorm, residual adds, pooling and their constants."),
-    bias_bits: int | None = typer.Option(None, help="New width of biases."),
-    calibration: str = typer.Option("mse", help="Recalibration for changed widths/K-hot/per-channel: max, percentile or mse."),
-    calib_samples: int = typer.Option(512, help="Training samples used to recalibrate activations."),
-    khot: int | None = typer.Option(None, "--khot", help="K-hot weights: at most K ones per code (K shift-adds per product)."),
+    per_channel: PerChannel = False,
+    weight_bits: NewWeightBits = None,
+    act_bits: NewActBits = None,
+    input_bits: NewInputBits = None,
+    elementwise_bits: NewElementwiseBits = None,
+    bias_bits: NewBiasBits = None,
+    calibration: Calibration = DEFAULT_CALIBRATION,
+    calib_samples: CalibSamples = 512,
+    khot: int | None = typer.Option(None, "--khot", metavar="K", show_default="off",
+                                    help="K-hot weights: at most K ones per code (K shift-adds per product)."),
     csd: bool = typer.Option(False, "--csd", help="With --khot: count signed digits (canonical signed digit)."),
     khot_elementwise: bool = typer.Option(False, "--khot-elementwise", help="With --khot: BatchNorm scales and other constant multipliers too."),
-    checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Checkpoint folder [default: <output>.ckpt]."),
+    checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", metavar="FOLDER", show_default="<output>.ckpt beside the output",
+                                               help="Checkpoint folder: last.pt after every epoch (ignored by git: *.ckpt/)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in the checkpoint folder."),
-    device: str = typer.Option("cpu", help="cpu or cuda (under torchrun: each rank its own GPU)."),
-    train_dtype: str = typer.Option("float32", help="Training precision: float32 (fast; casts exact for W <= 24) or float64."),
-    threads: int | None = typer.Option(None, help="Intra-op CPU threads per process [default: torch's]; 1 is often fastest for small models."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Run the written ONNX in onnxruntime and compare bit for bit."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (under torchrun: each rank its own GPU)."),
+    train_dtype: str = typer.Option("float32", "--train-dtype", help="Training precision: float32 (fast; casts exact for W <= 24) or float64."),
+    threads: int | None = typer.Option(None, "--threads", show_default="torch's", help="Intra-op CPU threads per process; 1 is often fastest for small models."),
+    verify: Verify = True,
+    force: Force = False,
+    quiet: Quiet = False,
+    json_output: Json = False,
 ) -> None:
     """Train weights and binary points of a fixed-point model; write the annotated result.
 
     Several processes: torchrun --nproc-per-node N --no-python qfx-onnx finetune ... (gloo on CPU,
     NCCL with --device cuda; --batch-size stays the global batch; only rank 0 writes files).
+
+    --json: model, output, best_epoch, epochs_run, stopped_early, seconds, split, before, validation, test, history,
+    moved, binary_points (before and after), checkpoints, verify.
     """
     args = dict(locals())
-    run_command(lambda: _finetune(**args))
+    ui = Output(json_mode=args.pop("json_output"), quiet=args.pop("quiet"))
+    run_command(lambda: _finetune(**args, ui=ui))
 
 
 def _finetune(model, data, output, eval_data, task, target, epochs, batch_size, lr, frac_lr, optimizer, lr_schedule,
-              weight_decay, seed, patience, freeze_binary_points, per_channel, weight_bits, act_bits, input_bits,
+              weight_decay, seed, patience, val_fraction, freeze_binary_points, per_channel, weight_bits, act_bits, input_bits,
               elementwise_bits, bias_bits, calibration, calib_samples, khot, csd, khot_elementwise, checkpoint_dir,
-              resume, device, train_dtype, threads, verify, quiet) -> None:
+              resume, device, train_dtype, threads, verify, force, ui: Output) -> None:
     from qfx_onnx.quant.annotated import read_annotated, verify_annotated
     from qfx_onnx.quant.annotated_write import build_annotated, save_annotated
     from qfx_onnx.train import FinetuneConfig, FinetuneInterrupted, finetune as run_finetune
-    from qfx_onnx.train.batches import load_task_dataset
+    from qfx_onnx.train.batches import load_task_dataset, npz_keys
     from qfx_onnx.train.prepare import set_widths, to_khot, to_per_channel
 
     if not model.is_file():
         raise OnnxModelError(f"{model}: no such file")
-    _check_output(model, output)
-    if calibration not in ("max", "percentile", "mse"):
-        raise QfxError(f"--calibration {calibration!r}: choose max, percentile or mse")
+    _check_output(model, output, force)
+    calibration = calibration_method(calibration, None)
     if (csd or khot_elementwise) and khot is None:
         raise QfxError("--csd and --khot-elementwise need --khot K")
     if calib_samples < 1:
@@ -92,28 +108,40 @@ def _finetune(model, data, output, eval_data, task, target, epochs, batch_size, 
     config = FinetuneConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, frac_lr=frac_lr, optimizer=optimizer, weight_decay=weight_decay,
         lr_schedule=lr_schedule, task=task, learn_binary_points=not freeze_binary_points, seed=seed, patience=patience,
+        val_fraction=0.1 if val_fraction is None else val_fraction,
         device=device, train_dtype=train_dtype, resume=resume,
         checkpoint_dir=str(checkpoint_dir or output.with_name(output.name + ".ckpt")))
     config.check()
     rank = int(os.environ.get("RANK", "0") or 0)
     show = rank == 0
     existing = Path(config.checkpoint_dir) / "last.pt"
-    if existing.is_file() and not resume and show:
-        console.print(f"note: starting afresh; {existing} will be replaced (pass --resume to continue it)")
+    if existing.is_file() and not resume:
+        if not force:
+            raise QfxError(f"{existing} already exists: pass --force to replace it, or --resume to continue its run")
+        if show:
+            ui.line(f"starting afresh: --force replaces {existing}")
 
+    named_val = "val_idx" in npz_keys(data)
+    if named_val and val_fraction is not None:
+        raise QfxError(f"{data}: has a val_idx split; --val-fraction would carve another validation set; drop one of them")
     if target == "input":
-        train_set = _input_target_set(data, "train")
-        eval_set = _input_target_set(eval_data, None) if eval_data else _input_target_set(data, "test", missing_ok=True)
+        train_set = load_task_dataset(data, "train", task, target_input=True)
+        val_set = load_task_dataset(data, "val", task, target_input=True) if named_val else None
+        eval_set = (load_task_dataset(eval_data, None, task, target_input=True) if eval_data
+                    else load_task_dataset(data, "test", task, missing_ok=True, target_input=True))
     else:
         for spec in (data, eval_data):
             _require_targets(spec, task)
         train_set = load_task_dataset(data, "train", task)
+        val_set = load_task_dataset(data, "val", task) if named_val else None
         eval_set = load_task_dataset(eval_data, None, task) if eval_data else load_task_dataset(data, "test", task, missing_ok=True)
-        for spec, dataset in ((data, train_set), (eval_data or data, eval_set)):
+        for spec, dataset in ((data, train_set), (data, val_set), (eval_data or data, eval_set)):
             if dataset is not None and not isinstance(dataset[0], (tuple, list)):
                 raise _no_targets(spec, task)
+    if val_set is None and config.val_fraction == 0 and show:
+        ui.warn("--val-fraction 0: no validation data, no selection; the last epoch is kept")
     if eval_set is None and show:
-        console.print("no evaluation data (pass --eval-data, or an .npz with test_idx): the last epoch is kept")
+        ui.warn("no test data (pass --eval-data, or an .npz with test_idx): no test score will be reported")
 
     fixed = read_annotated(model)
     _check_input_shape(fixed, train_set)
@@ -128,10 +156,10 @@ def _finetune(model, data, output, eval_data, task, target, epochs, batch_size, 
     if khot is not None:
         to_khot(fixed, khot, signed_digits=csd, elementwise=khot_elementwise, method=calibration)
 
-    progress = _Progress(enabled=show and not quiet and console.is_terminal, lines=show and not quiet and not console.is_terminal)
+    progress = _Progress(enabled=show and ui.progress, lines=show and not ui.quiet and not ui.people.is_terminal)
     try:
         with progress:
-            result = run_finetune(fixed, train_set, eval_set, config, callbacks=[progress])
+            result = run_finetune(fixed, train_set, eval_set, config, val=val_set, callbacks=[progress])
     except FinetuneInterrupted as exc:
         if show:
             err_console.print(Text(str(exc), style="yellow"))
@@ -141,28 +169,29 @@ def _finetune(model, data, output, eval_data, task, target, epochs, batch_size, 
     # verify the exact bytes about to be written, then write: a model that fails verification
     # leaves no output file
     proto = build_annotated(result.model, source=model.name)
+    verified = None
     if verify:
         x = calib[0][:64]
         check = verify_annotated(result.model, proto, x)
+        verified = {"ok": check.ok, "summary": check.summary(), "samples": len(x)}
         if check.ok:
-            if not quiet:
-                console.print(f"verify: onnxruntime matches the emulation bit for bit on {len(x)} samples")
+            ui.line(f"verify: onnxruntime matches the emulation bit for bit on {len(x)} samples")
         else:
-            console.print(Text(f"verify: {check.summary()}", style="red" if check.unexpected else "yellow"))
+            ui.final(Text(f"verify: {check.summary()}", style="red" if check.unexpected else "yellow"))
             if check.unexpected:
                 raise QfxError(f"{output}: not written: onnxruntime and the emulation disagree where exactness was "
                                f"guaranteed ({', '.join(check.unexpected[:5])})")
     save_annotated(proto, result.model, output)
-    _summary(result, output, quiet)
+    _summary(result, output, ui)
+    ui.result(_result_json(result, model, output, verified))
 
 
-def _check_output(model: Path, output: Path) -> None:
+def _check_output(model: Path, output: Path, force: bool) -> None:
     if output.resolve() == model.resolve() or (output.exists() and os.path.samefile(output, model)):
         raise QfxError(f"{output}: refusing to overwrite the input model; choose another -o")
     if not output.parent.is_dir():
         raise QfxError(f"{output.parent}: output folder does not exist")
-    if output.exists() and output.is_dir():
-        raise QfxError(f"{output}: is a folder")
+    check_new_file(output, force)
 
 
 def _no_targets(spec: str, task: str) -> DataError:
@@ -196,34 +225,6 @@ def _npz_keys(spec: str) -> set[str]:
         return set()
 
 
-def _input_target_set(spec: str, split: str | None, missing_ok: bool = False):
-    """``--target input``: each sample paired with itself as the target (an autoencoder).
-
-    Splits as for ``--target y``: an .npz's ``{split}_idx`` rows when it has them, otherwise every
-    row for training and no evaluation set (None when ``missing_ok``); a hook is called with
-    ``split=``. Any ``y`` in the data is ignored.
-    """
-    from torch.utils.data import TensorDataset
-
-    from qfx_onnx.data import load_arrays
-
-    is_file = Path(spec).suffix.lower() in (".npz", ".npy")
-    if is_file and split is not None:
-        if f"{split}_idx" not in _npz_keys(spec):
-            if split == "test":
-                if missing_ok:
-                    return None
-                raise DataError(f"{spec}: no test_idx split to evaluate on; pass --eval-data")
-            split = None
-    try:
-        x, _ = load_arrays(spec, split, real_targets=True)
-    except DataError:
-        if missing_ok and not is_file:
-            return None
-        raise
-    return TensorDataset(x, x)
-
-
 def _check_input_shape(fixed, dataset) -> None:
     from qfx_onnx.data import check_matches_model
 
@@ -251,23 +252,44 @@ def _calibration_batches(dataset, n: int):
     return list(torch.cat(xs)[:n].split(256))
 
 
-def _summary(result, output: Path, quiet: bool) -> None:
+def _summary(result, output: Path, ui: Output) -> None:
     moved = result.moved_binary_points()
-    if quiet:
-        console.print(f"wrote {output}")
+    if ui.quiet:
+        ui.final(f"wrote {output}")
         return
     def acc(m):
         if not m:  # None, or {} when there was no evaluation set
             return "-"
         return f"{m['accuracy']:.2%}" if "accuracy" in m else f"loss {m['loss']:.4g}"
-    console.print(f"wrote {output}: best epoch {result.best_epoch} of {result.epochs_run}"
-                  f"{' (stopped early)' if result.stopped_early else ''}, {result.seconds:.0f} s")
-    console.print(f"evaluation: before {acc(result.initial)}, after {acc(result.final)} (exact fixed-point pass)")
-    console.print(f"binary points moved in {len(moved)} of {len(result.binary_points)} tensors")
+    split = result.split
+    if split["kind"] == "none":
+        chosen, after = f"last epoch {result.epochs_run} kept (no validation data, no selection)", "last epoch, no selection"
+    else:
+        where = (f"{split['val_samples']} samples carved from the training data" + (", stratified by class" if split["stratified"] else "")
+                 if split["kind"] == "carved" else f"{split['val_samples']} samples of the data's val_idx split")
+        chosen, after = f"epoch {result.best_epoch} of {result.epochs_run} selected on validation ({where})", "after selection on validation"
+    ui.final(f"wrote {output}: {chosen}{' (stopped early)' if result.stopped_early else ''}, {result.seconds:.0f} s")
+    if result.validation is not None:
+        ui.line(f"validation: before {acc(result.initial)}, after {acc(result.validation)} (exact fixed-point pass)")
+    if result.final is not None:
+        measure = "test accuracy" if "accuracy" in result.final else "test"
+        ui.line(f"{measure} (evaluated once, {after}): {acc(result.final)} on {result.final['count']} samples "
+                      "(exact fixed-point pass)")
+    ui.line(f"binary points moved in {len(moved)} of {len(result.binary_points)} tensors")
     for name, (before, after) in list(moved.items())[:10]:
-        console.print(f"  {name}: F {_fracs(before)} -> {_fracs(after)}", highlight=False)
+        ui.line(f"  {name}: F {_fracs(before)} -> {_fracs(after)}")
     if result.checkpoint is not None:
-        console.print(f"checkpoints: {result.checkpoint.parent}")
+        ui.line(f"checkpoints: {result.checkpoint.parent}")
+
+
+def _result_json(result, model: Path, output: Path, verified: dict | None) -> dict:
+    """What --json prints: the run as the summary tells it, with every binary point."""
+    return {"model": str(model), "output": str(output), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+            "stopped_early": result.stopped_early, "seconds": result.seconds, "split": result.split,
+            "before": result.initial, "validation": result.validation, "test": result.final,
+            "history": result.history, "moved": len(result.moved_binary_points()),
+            "binary_points": {name: {"before": before, "after": after} for name, (before, after) in result.binary_points.items()},
+            "checkpoints": None if result.checkpoint is None else str(result.checkpoint.parent), "verify": verified}
 
 
 def _fracs(values: list[int]) -> str:
@@ -280,7 +302,7 @@ class _Progress(Callback):
     def __init__(self, enabled: bool, lines: bool) -> None:
         self.enabled, self.lines = enabled, lines
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]:.4f}  eval {task.fields[acc]}"),
+                            TextColumn("loss {task.fields[loss]:.4f}  val {task.fields[acc]}"),
                             TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True) if enabled else None
         self.task = None
         self.acc = "-"
@@ -297,12 +319,12 @@ class _Progress(Callback):
     def on_start(self, info) -> None:
         self.epochs, self.steps = info["epochs"], info["steps_per_epoch"]
         initial = info["initial"]
-        if initial and "eval_accuracy" in initial:
-            self.acc = f"{initial['eval_accuracy']:.2%}"
-        elif initial and "eval_loss" in initial:
-            self.acc = f"{initial['eval_loss']:.4g}"
-        if self.lines and initial and info["start_epoch"] == 0 and info["start_step"] == 0:
-            err_console.print(f"epoch 0: eval {self.acc}", highlight=False)
+        if initial and "val_accuracy" in initial:
+            self.acc = f"{initial['val_accuracy']:.2%}"
+        elif initial and "val_loss" in initial:
+            self.acc = f"{initial['val_loss']:.4g}"
+        if self.lines and initial and "val_loss" in initial and info["start_epoch"] == 0 and info["start_step"] == 0:
+            err_console.print(f"epoch 0: val {self.acc}", highlight=False)
         if self.bar is not None:
             total = self.epochs * self.steps
             done = info["start_epoch"] * self.steps + info["start_step"]
@@ -314,13 +336,13 @@ class _Progress(Callback):
             self.bar.update(self.task, advance=1, loss=loss, description=f"epoch {epoch}/{self.epochs}")
 
     def on_epoch_end(self, record) -> None:
-        if "eval_accuracy" in record:
-            self.acc = f"{record['eval_accuracy']:.2%}"
-        elif "eval_loss" in record:
-            self.acc = f"{record['eval_loss']:.4g}"
+        if "val_accuracy" in record:
+            self.acc = f"{record['val_accuracy']:.2%}"
+        elif "val_loss" in record:
+            self.acc = f"{record['val_loss']:.4g}"
         if self.bar is not None:
             self.bar.update(self.task, acc=self.acc)
         if self.lines:
-            mark = " *" if record.get("best") else ""
-            err_console.print(f"epoch {record['epoch']}/{self.epochs}: train loss {record['train_loss']:.4f}, "
-                              f"eval {self.acc}{mark} ({record['seconds']:.1f} s)", highlight=False)
+            val = f", val {self.acc}{' *' if record.get('best') else ''}" if "val_loss" in record else ""  # *: best so far
+            err_console.print(f"epoch {record['epoch']}/{self.epochs}: train loss {record['train_loss']:.4f}{val} "
+                              f"({record['seconds']:.1f} s)", highlight=False)

@@ -1,38 +1,70 @@
 """The ``qfx-onnx`` command: a thin typer front end over the ``qfx_onnx`` library.
 
 Every command body runs inside :func:`run_command`, the one place that turns a ``QfxError`` into a
-one-line message and a non-zero exit code.
-
-Both consoles print every string literally: rich markup (``[red]``, ``[/]``) and emoji codes
-(``:boom:``) are off, because paths, node and tensor names, hook names and config keys reach the
-terminal inside f-strings and table cells. Styled text is built explicitly with ``rich.text.Text``.
-(``console.status`` parses its text as markup whatever the console says: keep it constant.) A
-message is one line however long (soft wrap: the terminal folds it, rich does not break it), so
-paths stay whole and logs stay greppable; tables still fit the width.
+one-line message and a non-zero exit code. Every command is a :class:`QfxCommand`, so its help
+reads the same: usage ``qfx-onnx quantize [OPTIONS] MODEL``, flags without a ``<bool>`` value. The
+options commands share are declared once in :mod:`qfx_onnx_cli.options`; what a command prints
+goes through :class:`qfx_onnx_cli.output.Output` (``--json``, ``--quiet``, wide tables in logs).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 from typing import Callable, TypeVar
 
 import typer
-from rich.console import Console
 from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
 import qfx_onnx
 from qfx_onnx.errors import QfxError
+from qfx_onnx_cli.output import console, err_console  # noqa: F401  (the commands print through these)
+
+
+def _plain_flags(params: list) -> list:
+    # typer shows a flag's type as "<bool>" unless it has a metavar; a flag takes no value
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+def _unwrap(help: str | None) -> str | None:
+    # rich help keeps a docstring's line breaks; a paragraph should flow to the terminal's width
+    if help is None:
+        return None
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in inspect.cleandoc(help).split("\n\n"))
+
+
+class QfxCommand(TyperCommand):
+    """A command whose help shows ``MODEL`` (not ``{model}``) in its usage, no value for a flag, and
+    its docstring's paragraphs flowed to the terminal's width."""
+
+    def __init__(self, *args, help: str | None = None, **kwargs) -> None:
+        super().__init__(*args, help=_unwrap(help), **kwargs)
+
+    def get_params(self, ctx):
+        return _plain_flags(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [piece.strip("{}") for piece in super().collect_usage_pieces(ctx)]
+
+
+class QfxGroup(TyperGroup):
+    def get_params(self, ctx):
+        return _plain_flags(super().get_params(ctx))
+
 
 app = typer.Typer(
     name="qfx-onnx",
+    cls=QfxGroup,
     help="Float ONNX to FPGA-ready ap_fixed models: quantize, finetune, export to Vitis HLS.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(markup=False, emoji=False, soft_wrap=True)
-err_console = Console(stderr=True, markup=False, emoji=False, highlight=False, soft_wrap=True)
 
 T = TypeVar("T")
 

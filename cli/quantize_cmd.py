@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,9 +11,14 @@ import typer
 from rich.text import Text
 
 from qfx_onnx.errors import DataError, OnnxModelError, QfxError
-from qfx_onnx_cli.main import app, console, run_command
+from qfx_onnx_cli.main import QfxCommand, app, run_command
+from qfx_onnx_cli.options import (
+    DEFAULT_CALIBRATION, ActBits, BiasBits, CalibrationAlias, Calibration, CalibrationData, CalibSamples,
+    ElementwiseBits, EvalData, FloatModel, Force, InputBits, Json, Overflow, PerChannel, Quiet, Rounding, SatBits,
+    Verify, WeightBits, calibration_method, check_new_file)
+from qfx_onnx_cli.output import Output
 
-CALIB_METHODS = ("max", "percentile", "mse")
+TABLE_ROWS = 25  # tensors in the table without --all
 
 
 def default_output(model: Path) -> Path:
@@ -35,56 +41,71 @@ def resolve_output(model: Path, output: Path | None) -> Path:
     return out
 
 
-@app.command()
+@app.command(cls=QfxCommand)
 def quantize(
-    model: Path = typer.Argument(..., help="Float ONNX model."),
-    data: Path | None = typer.Option(None, "--data", help="Calibration data: .npz (x, y), .npy or module:function. Default: the one .npz beside the model."),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Annotated ONNX to write (default: <model>.qfx.onnx)."),
-    calib_samples: int = typer.Option(512, help="Number of samples used to calibrate binary points."),
-    method: str = typer.Option("max", help="Calibration: max, percentile or mse."),
-    weight_bits: int | None = typer.Option(None, help="Width of weights [default 8]."),
-    bias_bits: int | None = typer.Option(None, help="Width of biases [default 16]."),
-    act_bits: int | None = typer.Option(None, help="Width of layer outputs and activations [default 8]."),
-    elementwise_bits: int | None = typer.Option(None, help="Width of BatchNorm, residual adds, pooling and their constants [default 8]."),
-    input_bits: int | None = typer.Option(None, help="Width of the model input [default: act bits]."),
-    rounding: str | None = typer.Option(None, help="Quantization mode, e.g. AP_RND, AP_TRN, AP_RND_CONV [default AP_RND]."),
-    overflow: str | None = typer.Option(None, help="Overflow mode: AP_SAT, AP_WRAP, AP_SAT_SYM, AP_SAT_ZERO, AP_WRAP_SM [default AP_SAT]."),
-    sat_bits: int | None = typer.Option(None, help="N saturation bits for the overflow mode [default 0]."),
-    config: Path | None = typer.Option(None, "--config", help="TOML/JSON precision config with per-layer overrides."),
+    model: FloatModel,
+    data: CalibrationData = None,
+    output: Path | None = typer.Option(None, "-o", "--output", metavar="FILE", show_default="<model>.qfx.onnx beside the model",
+                                       help="Annotated ONNX to write."),
+    calib_samples: CalibSamples = 512,
+    calibration: Calibration = DEFAULT_CALIBRATION,
+    method: CalibrationAlias = None,
+    weight_bits: WeightBits = None,
+    bias_bits: BiasBits = None,
+    act_bits: ActBits = None,
+    elementwise_bits: ElementwiseBits = None,
+    input_bits: InputBits = None,
+    rounding: Rounding = None,
+    overflow: Overflow = None,
+    sat_bits: SatBits = None,
+    config: Path | None = typer.Option(None, "--config", metavar="FILE", show_default="none", help="TOML/JSON precision config with per-layer overrides."),
     fold_bn: bool = typer.Option(False, "--fold-bn", help="Fold BatchNorm into the preceding conv/Gemm instead of keeping it as a fixed-point affine."),
-    per_channel: bool = typer.Option(False, "--per-channel", help="Per-output-channel binary points for weights."),
-    eval_data: Path | None = typer.Option(None, "--eval-data", help="Data for the report, verify and accuracy (class labels y) or MSE (real-valued y) "
-                                                                 "(default: the test split of --data)."),
-    report: Path | None = typer.Option(None, "--report", help="Write the per-tensor report as JSON."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Run the written ONNX in onnxruntime and compare bit for bit."),
-    verify_samples: int = typer.Option(64, help="Samples used by --verify."),
-    show_all: bool = typer.Option(False, "--show-all", help="Show every tensor in the table (default: the 25 noisiest)."),
+    per_channel: PerChannel = False,
+    eval_data: EvalData = None,
+    report: Path | None = typer.Option(None, "--report", metavar="FILE", show_default="none", help="Write the per-tensor report as JSON."),
+    verify: Verify = True,
+    verify_samples: int = typer.Option(64, "--verify-samples", help="Samples used by --verify."),
+    show_all: bool = typer.Option(False, "--all", help=f"Show every tensor in the table, not only the {TABLE_ROWS} noisiest."),
+    force: Force = False,
+    quiet: Quiet = False,
+    json_output: Json = False,
 ) -> None:
-    """Quantize every tensor of a float ONNX model to ap_fixed and write an annotated ONNX."""
+    """Quantize every tensor of a float ONNX model to ap_fixed and write an annotated ONNX.
+
+    --json: model, output, data, eval_data, calibration, score, float_accuracy, fixed_accuracy,
+    tensors (every one, in graph order), layers, verify, report: as --report writes, plus the run.
+    """
     args = dict(locals())
-    run_command(lambda: _quantize(**args))
+    ui = Output(json_mode=args.pop("json_output"), quiet=args.pop("quiet"))
+    run_command(lambda: _quantize(**args, ui=ui))
 
 
-def _quantize(model, data, output, calib_samples, method, weight_bits, bias_bits, act_bits, elementwise_bits,
+def _quantize(model, data, output, calib_samples, calibration, method, weight_bits, bias_bits, act_bits, elementwise_bits,
               input_bits, rounding, overflow, sat_bits, config, fold_bn, per_channel, eval_data, report, verify,
-              verify_samples, show_all) -> None:
+              verify_samples, show_all, force, ui: Output) -> None:
     from qfx_onnx.data import load_arrays, score
     from qfx_onnx.fixed.types import OverflowMode, QuantMode
     from qfx_onnx.quant.annotated import verify_annotated, write_annotated
+    from qfx_onnx.quant.annotated_write import lossless_values
     from qfx_onnx.quant.api import evaluation_split, quantize as quantize_model
     from qfx_onnx.quant.policy import load_policy, parse_mode
     from qfx_onnx.quant.report import QuantReport, layer_exactness, measure_tensors, tensor_table
 
     if not model.is_file():
         raise OnnxModelError(f"{model}: no such file")
-    if method not in CALIB_METHODS:
-        raise QfxError(f"--method {method!r}: choose one of {', '.join(CALIB_METHODS)}")
+    method = calibration_method(calibration, method)
     out = resolve_output(model, output)
+    check_new_file(out, force)
+    if report is not None:
+        if report.resolve() in (model.resolve(), out.resolve()):
+            raise QfxError(f"{report}: --report would overwrite the {'input model' if report.resolve() == model.resolve() else 'output'}")
+        check_new_file(report, force)
     if data is None:
         data = find_default_data(model)
         if data is None:
             raise DataError(f"{model}: no calibration data; pass --data data.npz")
-        console.print(f"calibration data: {data}")
+        data = str(data)
+        ui.line(f"calibration data: {data}")
     policy = load_policy(config, weight_bits=weight_bits, bias_bits=bias_bits, act_bits=act_bits,
                          elementwise_bits=elementwise_bits, input_bits=input_bits,
                          rounding=parse_mode(QuantMode, rounding), overflow=parse_mode(OverflowMode, overflow),
@@ -93,50 +114,66 @@ def _quantize(model, data, output, calib_samples, method, weight_bits, bias_bits
     x_eval, y_eval = load_arrays(str(eval_spec), evaluation_split(str(eval_spec)) if eval_data is None else None,
                                  real_targets=True)
 
-    with console.status("importing and calibrating"):
+    with ui.status("importing and calibrating"):
         fixed = quantize_model(model, str(data), policy=policy, method=method, calib_samples=calib_samples,
                                fold_bn=fold_bn, per_channel=per_channel)
 
     result = QuantReport()
-    with console.status("evaluating"), torch.no_grad():
+    with ui.status("evaluating"), torch.no_grad():
         if y_eval is not None:  # accuracy for class outputs, MSE for anything else (qfx_onnx.data.score)
             fixed.set_casts_enabled(False)
             float_score = score(_first(fixed(x_eval)), y_eval, str(eval_spec))
             fixed.set_casts_enabled(True)
-            fixed_score = score(_first(fixed(x_eval)), y_eval, str(eval_spec))
+        fixed_out = []  # the report's fixed-point pass gives the fixed-point score too
+        result.tensors = measure_tensors(fixed, torch.split(x_eval, 256), on_output=lambda out: fixed_out.append(_first(out)))
+        if y_eval is not None:
+            fixed_score = score(torch.cat(fixed_out), y_eval, str(eval_spec))
             if fixed_score.metric == "accuracy":
                 result.float_accuracy, result.fixed_accuracy = float_score.value, fixed_score.value
-        result.tensors = measure_tensors(fixed, torch.split(x_eval, 256))
-        result.layers = layer_exactness(fixed, x_eval[:1])
+        values = lossless_values(fixed.graph_module, [x_eval[:1]])  # types once, for the report, write and verify
+        result.layers = layer_exactness(fixed, x_eval[:1], values=values)
 
-    write_annotated(fixed, out, source=model.name)
-    console.print(f"wrote {out}")
-    noisiest = sorted(result.tensors, key=lambda t: t.sqnr_db)
-    result_view = QuantReport(tensors=result.tensors if show_all else noisiest[:25])
-    console.print(tensor_table(result_view))
+    write_annotated(fixed, out, source=model.name, values=values)
+    ui.final(f"wrote {out}")
+    shown = result.tensors if show_all else _noisiest_in_graph_order(result.tensors, TABLE_ROWS)
+    ui.table(tensor_table(QuantReport(tensors=shown)))
+    if len(shown) < len(result.tensors):
+        ui.line(f"showing the {len(shown)} noisiest of {len(result.tensors)} tensors, in graph order; --all for every one")
     inexact = [layer for layer in result.layers if not layer.exact_float32]
     for layer in inexact:
-        console.print(Text.assemble(("note:", "yellow"), f" {layer.tensor}: lossless accumulator {layer.type} ({layer.terms} terms) "
-                                    "exceeds float32's 24 bits; onnxruntime is exact only while partial sums stay small"))
+        ui.warn(f"{layer.tensor}: lossless accumulator {layer.type} ({layer.terms} terms) "
+                "exceeds float32's 24 bits; onnxruntime is exact only while partial sums stay small")
+    run = {"model": str(model), "output": str(out), "data": data, "eval_data": str(eval_spec), "calibration": method,
+           "score": None, "report": None if report is None else str(report)}
     if y_eval is None:
-        console.print(f"accuracy: none, {eval_spec} has no labels (y)")
+        ui.line(f"accuracy: none, {eval_spec} has no labels (y)")
     else:
-        console.print(f"{fixed_score.name} on {eval_spec}: float {float_score.value_text()}, fixed point {fixed_score.value_text()}")
+        ui.line(f"{fixed_score.name} on {eval_spec}: float {float_score.value_text()}, fixed point {fixed_score.value_text()}")
+        run["score"] = {"metric": fixed_score.metric, "float": float_score.value, "fixed": fixed_score.value,
+                        "samples": fixed_score.count}
 
     if verify:
-        with console.status("verifying in onnxruntime"):
-            check = verify_annotated(fixed, out, x_eval[:verify_samples])
+        with ui.status("verifying in onnxruntime"):
+            check = verify_annotated(fixed, out, x_eval[:verify_samples], values=values)
         result.verify = {"ok": check.ok, "summary": check.summary(), "layers": [asdict(layer) for layer in check.layers]}
         samples = min(verify_samples, len(x_eval))
         if check.ok:
-            console.print(f"verify: onnxruntime matches the emulation bit for bit on {samples} samples ({check.summary()})")
+            ui.line(f"verify: onnxruntime matches the emulation bit for bit on {samples} samples ({check.summary()})")
         else:
-            console.print(Text(f"verify on {samples} samples: {check.summary()}", style="red" if check.unexpected else "yellow"))
+            ui.final(Text(f"verify on {samples} samples: {check.summary()}", style="red" if check.unexpected else "yellow"))
+    report_json = result.to_json()
     if report is not None:
-        _write_text(report, result.to_json())
-        console.print(f"report: {report}")
+        _write_text(report, report_json)
+        ui.line(f"report: {report}")
+    ui.result({**run, **json.loads(report_json)})
     if verify and check.unexpected:
         raise QfxError("onnxruntime and the emulation disagree where exactness was guaranteed (see above)")
+
+
+def _noisiest_in_graph_order(tensors: list, n: int) -> list:
+    """The ``n`` tensors with the lowest SQNR, kept in graph order."""
+    keep = set(sorted(range(len(tensors)), key=lambda i: tensors[i].sqnr_db)[:n])
+    return [t for i, t in enumerate(tensors) if i in keep]
 
 
 def _first(out):

@@ -69,9 +69,10 @@ def test_bold_tag_in_a_missing_path_is_kept(tmp_path):
     literal(invoke("export-hls", tmp_path / "[bold]m.onnx", "-o", tmp_path / "prj"), 1, "[bold]m.onnx: no such file")
 
 
-def test_hook_name_is_not_an_emoji():
+def test_hook_name_is_not_an_emoji(tmp_path):
     literal(invoke("inspect", MODELS / "mlp.onnx", "--data", "mod:boom"), 1, "mod:boom: cannot import module 'mod'")
-    literal(invoke("quantize", MODELS / "mlp.onnx", "--data", "qfx_no_such_mod:boom"), 1, "qfx_no_such_mod:boom:")
+    literal(invoke("quantize", MODELS / "mlp.onnx", "--data", "qfx_no_such_mod:boom", "-o", tmp_path / "m.qfx.onnx"), 1,
+            "qfx_no_such_mod:boom:")
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ def markup_model(tmp_path):
 
 def test_node_and_tensor_names_in_tables(markup_model, tmp_path):
     literal(invoke("inspect", markup_model), 0, MARKUP, "[bold]relu", "converted")
-    out = literal(invoke("quantize", markup_model, "-o", tmp_path / "m.qfx.onnx", "--show-all"), 0, "h[/]:boom:")
+    out = literal(invoke("quantize", markup_model, "-o", tmp_path / "m.qfx.onnx", "--all"), 0, "h[/]:boom:")
     assert "bit for bit" in out
 
 

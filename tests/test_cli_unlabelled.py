@@ -220,7 +220,7 @@ def test_finetune_autoencoder_without_an_evaluation_split(ae, ae_fixed, tmp_path
     folder, _, _ = ae
     text = ok(invoke("finetune", ae_fixed, "--data", folder / "img8.npy", "-o", tmp_path / "ft.qfx.onnx",
                      "--task", "regression", "--target", "input", "--epochs", 1, "--no-verify"))
-    assert "no evaluation data" in text and "evaluation: before -, after -" in text
+    assert "no test data" in text and "validation: before loss" in text and "test loss" not in text
 
 
 # --- the data layer -------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,64 @@ class Interrupt(Callback):
             raise KeyboardInterrupt
 
 
+class Steps(Callback):
+    """Records where a run starts and every (epoch, step) it trains."""
+
+    def __init__(self) -> None:
+        self.start, self.seen = None, []
+
+    def on_start(self, info):
+        self.start = (info["start_epoch"], info["start_step"])
+
+    def on_step(self, epoch, step, loss):
+        self.seen.append((epoch, step))
+
+
+def lsq_surrogate_derivative(x: torch.Tensor, xq: torch.Tensor, g: torch.Tensor, inside: torch.Tensor, f0: float) -> float:
+    """Central finite difference at F = f0 of sum(g * psi(F)), the function whose derivative the
+    binary-point gradient is (quantizer.py): inside the range psi = x + 2**-F * (K - x * 2**f0)
+    (rounding passed straight through), outside it psi = 2**-F * K, with K = xq * 2**f0 fixed."""
+    k = xq * 2.0**f0
+
+    def psi(f: float) -> float:
+        s = 2.0**-f
+        return float((g * torch.where(inside, x + s * (k - x * 2.0**f0), s * k)).sum())
+
+    h = 1e-5
+    return (psi(f0 + h) - psi(f0 - h)) / (2 * h)
+
+
+def assert_frac_grads_match_finite_differences(model, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Every learned binary point's gradient of the cross-entropy loss (float64) equals
+    ``1/sqrt(n * code_max)`` times the finite difference of its surrogate (LSQ scaling)."""
+    seen, handles = {}, []
+    for name, q in model.quantizers().items():
+        def hook(module, inputs, out, name=name):
+            if inputs[0].requires_grad:
+                inputs[0].retain_grad()
+            out.retain_grad()
+            seen[name] = (module, inputs[0], out)
+        handles.append(q.register_forward_hook(hook))
+    model.zero_grad()
+    x = x.clone().requires_grad_(True)
+    try:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    checked = 0
+    for name, (q, inp, out) in seen.items():
+        assert q.per_channel_axis is None and q.frac.grad is not None, name
+        g = out.grad.detach()
+        inside = (inp.grad != 0) | (g == 0)  # the STE passes the input gradient only inside the range
+        t = q.frozen_types()[0]
+        fd = lsq_surrogate_derivative(inp.detach(), out.detach(), g, inside, float(t.frac))
+        scale = 1.0 / math.sqrt(inp.numel() * max(t.int_max, 1))
+        assert q.frac.grad.item() == pytest.approx(scale * fd, rel=1e-6, abs=1e-12), name
+        checked += abs(fd) > 0
+    assert len(seen) == len(model.quantizers()) > 0 and checked >= len(seen) // 2, (len(seen), checked)
+
+
 def four_bit(path, train: ArrayDataset):
     model = read_annotated(path)
     set_widths(model, {"weight": 4, "act": 4, "input": 4}, [train.x[:512]], method="mse")
@@ -97,7 +156,7 @@ def test_frozen_binary_points_do_not_move(mlp_file, digits):
     model = four_bit(mlp_file, train)
     result = finetune(model, subset(train, 256), test, FinetuneConfig(epochs=2, batch_size=32, learn_binary_points=False))
     assert result.moved_binary_points() == {}
-    assert result.final["accuracy"] == result.history[result.best_epoch]["eval_accuracy"]
+    assert result.validation["accuracy"] == result.history[result.best_epoch]["val_accuracy"]
 
 
 def test_same_seed_same_weights_other_seed_differs(mlp_file, digits):
@@ -121,9 +180,17 @@ def test_interrupt_then_resume_equals_uninterrupted(mlp_file, digits, tmp_path, 
     saved = torch.load(info.value.checkpoint, weights_only=True)
     assert (saved["epoch"], saved["step"]) == ((1, 0) if where[1] is None else (1, 3))
 
-    resumed = finetune(read_annotated(mlp_file), train, test, FinetuneConfig(**config, checkpoint_dir=str(tmp_path / "b"), resume=True))
+    steps = Steps()
+    resumed = finetune(read_annotated(mlp_file), train, test, FinetuneConfig(**config, checkpoint_dir=str(tmp_path / "b"), resume=True),
+                       callbacks=[steps])
+    # a resume, not a fresh rerun (which would end in the same state): it trains only the steps
+    # the interrupted run had not done, starting right after the checkpoint
+    per_epoch = 256 // 32
+    done = where[0] * per_epoch if where[1] is None else (where[0] - 1) * per_epoch + where[1]
+    assert steps.start == (done // per_epoch, done % per_epoch)
+    assert steps.seen == [(e + 1, s + 1) for k in range(done, 3 * per_epoch) for e, s in [divmod(k, per_epoch)]]
     assert_same_state(state(full.model), state(resumed.model))
-    assert [r["eval_loss"] for r in full.history] == [r["eval_loss"] for r in resumed.history]
+    assert [r["val_loss"] for r in full.history] == [r["val_loss"] for r in resumed.history]
     assert full.best_epoch == resumed.best_epoch and full.final == resumed.final
 
 
@@ -190,9 +257,10 @@ def test_regression_and_dataloader(mlp_file, digits):
     train, test = subset(digits[0], 256), subset(digits[1], 64)
     onehot = lambda ds: torch.utils.data.TensorDataset(ds.x, torch.nn.functional.one_hot(ds.y, 10).float() * 4)
     loader = torch.utils.data.DataLoader(onehot(train), batch_size=32, shuffle=False)
+    val = ArrayDataset(digits[0].x[256:320], digits[0].y[256:320], "val")  # a DataLoader is not split: validation given
     result = finetune(read_annotated(mlp_file), loader, onehot(test),
-                      FinetuneConfig(epochs=2, task="regression", lr=3e-3))
-    assert "eval_accuracy" not in result.history[-1]
+                      FinetuneConfig(epochs=2, task="regression", lr=3e-3), val=onehot(val))
+    assert "val_loss" in result.history[-1] and "val_accuracy" not in result.history[-1]
     assert result.final["loss"] < result.initial["loss"]
 
 
@@ -228,7 +296,7 @@ def test_model_is_a_plain_module_for_your_own_loop(mlp_file, digits, tmp_path):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert all(p.grad is not None for p in fracs)
-    model.double().eval()
+    assert_frac_grads_match_finite_differences(model.double(), train.x[:64].double(), train.y[:64])
+    model.eval()
     write_annotated(model, tmp_path / "own.qfx.onnx")
     assert evaluate(read_annotated(tmp_path / "own.qfx.onnx"), test) == evaluate(model, test)

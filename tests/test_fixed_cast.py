@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -40,7 +41,8 @@ TYPES = [(8, 3, True, 0), (8, 3, False, 0), (5, -2, True, 1), (12, 15, True, 0),
 
 @pytest.mark.parametrize("q, o", MODES, ids=lambda m: m.value)
 def test_torch_matches_reference_all_modes(q, o):
-    rng = np.random.default_rng(hash((q.value, o.value)) % 2**32)
+    # a stable seed per mode pair: hash() of a string differs in every process (PYTHONHASHSEED)
+    rng = np.random.default_rng([zlib.crc32(q.value.encode()), zlib.crc32(o.value.encode())])
     for w, i, s, n in TYPES:
         t = FixedType(w, i, s, q, o, n)
         x = edge_values(t, rng)

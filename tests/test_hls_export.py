@@ -273,3 +273,26 @@ def test_outputs_that_are_inputs_or_read_elsewhere_get_their_own_port(tmp_path):
     assert len(result.model.outputs) == 3 and len({b.ident for b in result.model.outputs}) == 3
     assert "copy" in {layer.op for layer in result.model.layers}
 
+
+
+def test_test_vectors_come_from_real_data_or_a_warning(tmp_path):
+    """Without --data: the .npz beside the model gives the vectors; with none there, random codes
+    and a warning that says why that is a weak testbench."""
+    fpm = ptq("mlp")
+    alone, beside = tmp_path / "alone", tmp_path / "beside"
+    alone.mkdir()
+    beside.mkdir()
+    for folder in (alone, beside):
+        write_annotated(fpm, folder / "mlp.qfx.onnx", example_input=digits("test")[:1])
+    x = digits("test")[:5].numpy()
+    np.savez(beside / "samples.npz", x=x)
+    res = runner.invoke(app, ["export-hls", str(alone / "mlp.qfx.onnx"), "-o", str(alone / "prj"), "--test-vectors", "3"])
+    assert res.exit_code == 0, res.output
+    assert "no --data: the testbench uses random input codes" in res.output
+    res = runner.invoke(app, ["export-hls", str(beside / "mlp.qfx.onnx"), "-o", str(beside / "prj"), "--test-vectors", "3"])
+    assert res.exit_code == 0, res.output
+    assert "random input codes" not in res.output and "samples.npz (the .npz beside the model)" in res.output
+    rows = (beside / "prj" / "tb" / "tb_data" / "input_codes.dat").read_text().splitlines()
+    t = fpm.fixed_types()["input"]
+    want = np.round(x[:3].reshape(3, -1) * 2.0 ** t.frac).astype(int)
+    assert [list(map(int, r.split())) for r in rows] == want.tolist()

@@ -146,9 +146,19 @@ def test_quantizer_forward_projects_with_the_frozen_type(signed_digits):
 def test_quantizer_gradients_and_calibration():
     kq = KHotQuantizer(6, True, 1, frac=2.0)  # 1-hot codes -32..16: values -8 .. 4
     x = torch.tensor([-9.0, -3.1, 0.3, 3.0, 4.0, 5.0], requires_grad=True)
-    kq(x).sum().backward()
-    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0]
-    assert kq.frac.grad is not None
+    g = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])
+    (kq(x) * g).sum().backward()
+    assert x.grad.tolist() == [0.0, -2.0, 0.5, 3.0, -1.0, 0.0]
+    # the binary point's gradient is 1/sqrt(n * largest K-hot code) times the derivative of
+    # sum(g * psi(F)): psi = x + 2**-F * (K - x * 2**F0) inside the range, 2**-F * K outside it
+    x64, g64, k = x.detach().double(), g.double(), kq(x).detach().double() * 4.0
+    inside = x.grad != 0
+
+    def psi(f: float) -> float:
+        return float((g64 * torch.where(inside, x64 + 2.0**-f * (k - x64 * 4.0), 2.0**-f * k)).sum())
+
+    fd = (psi(2.0 + 1e-5) - psi(2.0 - 1e-5)) / 2e-5
+    assert kq.frac.grad.item() == pytest.approx(fd / (6 * 16) ** 0.5, rel=1e-6)
     kq.calibrate(torch.tensor([-1.0, 2.5]), "max")
     # tightest F with 2.5 * 2**F <= 16 and -1 * 2**F >= -32: F = 2
     assert kq.int_fracs() == [2]

@@ -47,9 +47,13 @@ def test_shipped_models_match_bit_for_bit_at_8_bits(name, tmp_path):
     result = verify_annotated(fixed, path, data("test")[:64])
     check_consistent(result)
     assert [layer.tensor for layer in result.layers] == list(fixed.fixed_types())
-    if not result.not_guaranteed:  # every accumulator fits float32: everything is exact
-        assert result.ok
-    assert "bit-exact" in result.summary() or "differ" in result.summary()
+    # cnn and resnet have a conv accumulator wider than 24 bits, so float32 is not guaranteed exact
+    # from there on; on these 64 test images their partial sums stay small and every tensor still
+    # matches, which is what this (deterministic) check pins, flagged or not
+    assert bool(result.not_guaranteed) == (name in ("cnn", "resnet"))
+    assert result.ok and result.mismatched == [], result.mismatched
+    assert result.summary() == (f"bit-exact: {len(result.layers)} tensors compared, {len(result.not_guaranteed)} "
+                                "not guaranteed exact in float32, 0 unexpected mismatch(es)")
 
 
 def test_16_bit_cnn_is_predicted_not_exact_in_float32(tmp_path):
@@ -129,6 +133,7 @@ def test_a_wrong_onnx_model_is_caught(tmp_path):
     weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
     result = verify_annotated(fixed, proto, data("test")[:32])
     assert not result.ok and "3.weight" in result.unexpected
+    assert result.summary().startswith(f"{len(result.mismatched)} tensor(s) differ: ")
     layer = next(layer for layer in result.layers if layer.tensor == "3.weight")
     assert layer.mismatches > 0 and layer.max_abs_diff > 0.25
     assert result.layers[0].matches  # what comes before the edit still matches

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from enum import Enum
 from typing import Callable, Sequence
 
 import torch
@@ -45,7 +46,17 @@ from qfx_onnx.fixed.cast import _TINY, _needs_int_path, _overflow_float, _round,
 from qfx_onnx.fixed.types import MAX_ABS_FRAC, FixedType, OverflowMode, QuantMode
 
 LN2 = math.log(2.0)
-CALIBRATION_METHODS = ("max", "percentile", "mse")
+
+
+class CalibrationMethod(str, Enum):
+    """How a binary point is set from observed values (``calibrate``/``finalize``'s ``method``)."""
+
+    MAX = "max"  # the largest magnitude fits
+    PERCENTILE = "percentile"  # the given percentile of magnitudes fits
+    MSE = "mse"  # the binary point near max's with the least squared cast error
+
+
+CALIBRATION_METHODS = tuple(m.value for m in CalibrationMethod)
 MSE_WINDOW = (-2, 4)  # offsets from the max-abs binary point searched by method="mse"
 
 

@@ -24,6 +24,7 @@ import logging
 import math
 import operator
 from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
 import torch
@@ -52,6 +53,13 @@ MAX_CONST_WIDTH = 53  # constants are written as decimal literals that are exact
 EXACT_FLOAT64_BITS = 53
 
 
+class IoMode(str, Enum):
+    """How the top function's ports carry data."""
+
+    PARALLEL = "parallel"  # arrays, partitioned
+    STREAM = "stream"  # hls::stream ports, DATAFLOW
+
+
 @dataclass
 class ExportOptions:
     """What the generator is asked for (the CLI flags)."""
@@ -62,8 +70,8 @@ class ExportOptions:
     khot_max: int = 0
 
     def __post_init__(self) -> None:
-        if self.io not in ("parallel", "stream"):
-            raise ExportError(f"--io must be parallel or stream, not {self.io!r}")
+        if self.io not in {m.value for m in IoMode}:
+            raise ExportError(f"--io must be {' or '.join(m.value for m in IoMode)}, not {self.io!r}")
         if self.reuse_factor < 1:
             raise ExportError(f"--reuse-factor must be at least 1, not {self.reuse_factor}")
         if self.khot_max < 0:

@@ -62,8 +62,8 @@ def generalize_batch(model: onnx.ModelProto, constants: dict[str, np.ndarray], o
     batch = declared_batch(model, constants)
     if batch is None or batch < 1:
         return model, None
-    shapes = _static_first_dims(model)
-    candidate, new_constants, rewritten = _rewrite(model, constants, batch, shapes)
+    first_dims, values = _declared_values(model, constants, opset, label)
+    candidate, new_constants, rewritten = _rewrite(model, constants, batch, first_dims, values)
     why = _disagreement(model, candidate, {**constants, **new_constants}, batch)
     if why is None:
         constants.update(new_constants)
@@ -74,22 +74,45 @@ def generalize_batch(model: onnx.ModelProto, constants: dict[str, np.ndarray], o
     return model, batch
 
 
-def _static_first_dims(model: onnx.ModelProto) -> dict[str, int]:
-    """The first dim of every tensor whose shape inference gives one, on the model as declared."""
+def _declared_values(model: onnx.ModelProto, constants: dict[str, np.ndarray], opset: int,
+                     label: str) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+    """On the model as declared: the first dim of every tensor shape inference sizes, and the
+    value of every integer tensor known before it runs (shape constants, also those built from
+    Constant, Shape, Gather, Unsqueeze, Concat ... at the declared batch)."""
+    from qfx_onnx.importer.fold import fold_constants  # batch runs before folding proper
+    from qfx_onnx.importer.loader import _node_names, _tensor_infos, _with_folded
+
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception:
         inferred = model
-    dims = {}
-    for value in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
-        tensor = value.type.tensor_type if value.type.HasField("tensor_type") else None
-        if tensor is not None and tensor.HasField("shape") and tensor.shape.dim and tensor.shape.dim[0].HasField("dim_value"):
-            dims[value.name] = tensor.shape.dim[0].dim_value
-    return dims
+    infos = _tensor_infos(inferred.graph, constants)
+    first_dims = {name: info.shape[0] for name, info in infos.items() if info.shape and info.shape[0] is not None}
+    # only integer-valued nodes: the weights' folding is left to the importer proper
+    skip = {i for i, node in enumerate(model.graph.node)
+            if not all(o and infos.get(o) is not None and infos[o].dtype is not None and infos[o].dtype.kind in "iu"
+                       for o in node.output)}
+    values = {name: v for name, v in constants.items() if v.dtype.kind in "iu"}
+    try:
+        folded = fold_constants(model.graph.node, _node_names(model.graph), values, infos, opset, skip=skip).folded
+    except Exception as exc:  # a shape subgraph the reference cannot evaluate: no rewrite through it
+        log.debug("%s: shape constants not evaluated for batch generalisation (%s)", label, exc)
+        return first_dims, values
+    if folded:  # split sizes and slice bounds now known: shape inference sizes what follows them
+        try:
+            again = onnx.shape_inference.infer_shapes(_with_folded(model, folded, values), check_type=False,
+                                                      strict_mode=False, data_prop=True)
+        except Exception:
+            again = None
+        if again is not None:
+            for name, info in _tensor_infos(again.graph, {}).items():
+                if info.shape and info.shape[0] is not None:
+                    first_dims.setdefault(name, info.shape[0])
+    return first_dims, values
 
 
-def _rewrite(model: onnx.ModelProto, constants: dict[str, np.ndarray], batch: int,
-             first_dims: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, np.ndarray], int]:
+def _rewrite(model: onnx.ModelProto, constants: dict[str, np.ndarray], batch: int, first_dims: dict[str, int],
+             values: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, np.ndarray], int]:
     """The candidate graph, the new shape constants it reads, and how many it rewrote."""
     out = onnx.ModelProto()
     copy_fields(model, out, skip={"graph"})
@@ -101,14 +124,13 @@ def _rewrite(model: onnx.ModelProto, constants: dict[str, np.ndarray], batch: in
         dims = value.type.tensor_type.shape.dim
         if dims and dims[0].HasField("dim_value") and dims[0].dim_value == batch:
             dims[0].dim_param = BATCH_DIM  # clears dim_value (a oneof)
-    const_nodes = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant" and n.output}
     new_constants: dict[str, np.ndarray] = {}
     for node in model.graph.node:
         copy = out.graph.node.add()
         copy.CopyFrom(node)
         if node.op_type != "Reshape" or len(node.input) < 2:
             continue
-        target = _constant_value(node.input[1], constants, const_nodes)
+        target = values.get(node.input[1])
         if target is None or target.ndim != 1 or target.size == 0 or target[0] != batch or first_dims.get(node.input[0]) != batch:
             continue
         target = target.astype(np.int64).copy()
@@ -124,19 +146,6 @@ def _rewrite(model: onnx.ModelProto, constants: dict[str, np.ndarray], batch: in
         out.graph.initializer.append(onnx.numpy_helper.from_array(target, name))
         copy.input[1] = name
     return out, new_constants, len(new_constants)
-
-
-def _constant_value(name: str, constants: dict[str, np.ndarray], const_nodes: dict[str, onnx.NodeProto]) -> np.ndarray | None:
-    if name in constants:
-        return constants[name]
-    node = const_nodes.get(name)
-    if node is None:
-        return None
-    attr = next((a for a in node.attribute if a.name in ("value", "value_ints")), None)
-    if attr is None:
-        return None
-    value = onnx.helper.get_attribute_value(attr)
-    return onnx.numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else np.asarray(value, dtype=np.int64)
 
 
 def _ort_reason(exc: Exception) -> str:

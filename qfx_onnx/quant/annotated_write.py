@@ -30,6 +30,7 @@ from qfx_onnx.errors import ExportError
 from qfx_onnx.fixed.quantizer import FixedQuantizer
 from qfx_onnx.fixed.types import OverflowMode, QuantMode
 from qfx_onnx.ir import ops
+from qfx_onnx.importer.reader import weight_free
 from qfx_onnx.ir.ops import IrOp, op_of
 from qfx_onnx.quant.annotated import (
     FORMAT_VERSION, INV_SCALE_SUFFIX, KEY_ROLE, KEY_TYPE, LOSSLESS, META_SOURCE, META_VERSION, NODE_IR_OP, QUANT_SUFFIX, RAW_SUFFIX,
@@ -49,10 +50,11 @@ READ_FROM: "weakref.WeakKeyDictionary[FixedPointModel, tuple[str | None, str | N
 
 
 Examples = torch.Tensor | Sequence[torch.Tensor] | None
+Values = dict[fx.Node, ValueInfo]
 
 
 def write_annotated(model: FixedPointModel, path: str | os.PathLike, *, example_input: Examples = None,
-                    source: str | None = None) -> onnx.ModelProto:
+                    source: str | None = None, values: Values | None = None) -> onnx.ModelProto:
     """Write ``model`` to ``path`` as an annotated ONNX model and return it.
 
     The model passes ``onnx.checker.check_model(full_check=True)``; graph inputs and outputs keep
@@ -61,11 +63,12 @@ def write_annotated(model: FixedPointModel, path: str | os.PathLike, *, example_
     intermediates and some emissions need. ``source`` names the original file (stored as
     ``qfx.source``; by default the one recorded when ``model`` was read from an annotated file).
     The file is written atomically; the file ``model`` was read from, or ``source``, is never
-    overwritten. Raises ExportError for what the format cannot express.
+    overwritten. ``values`` may pass type propagation's result from an earlier call (see
+    :func:`lossless_values`). Raises ExportError for what the format cannot express.
     """
     read_path, read_source = READ_FROM.get(model, (None, None))
     _refuse_overwrite(path, [p for p in (read_path, source) if p])
-    proto = build_annotated(model, example_input=example_input, source=source or read_source)
+    proto = build_annotated(model, example_input=example_input, source=source or read_source, values=values)
     _save_atomically(proto, Path(path))
     return proto
 
@@ -79,31 +82,53 @@ def save_annotated(proto: onnx.ModelProto, model: FixedPointModel, path: str | o
     _save_atomically(proto, Path(path))
 
 
-def build_annotated(model: FixedPointModel, *, example_input: Examples = None, source: str | None = None) -> onnx.ModelProto:
-    """The annotated ModelProto of ``model`` (what :func:`write_annotated` writes), checked."""
+def build_annotated(model: FixedPointModel, *, example_input: Examples = None, source: str | None = None,
+                    values: Values | None = None) -> onnx.ModelProto:
+    """The annotated ModelProto of ``model`` (what :func:`write_annotated` writes), checked.
+
+    The graph is built in place in the returned ModelProto, so each weight is held once (as its
+    initializer); the checker and shape inference see a copy without the large weights
+    (:func:`~qfx_onnx.importer.reader.weight_free`), and each of those is checked on its own.
+    """
     gm = model.graph_module
     info = gm.onnx_info
-    examples = _example_inputs(model, example_input)
-    dtype = next((p.dtype for p in gm.parameters()), torch.float64)
-    values = propagate(gm, tuple(x.to(dtype) if x.is_floating_point() else x for x in examples))
-    writer = _Writer(gm, values)
-    graph = writer.run()
+    values = lossless_values(gm, _example_inputs(model, example_input), values)
+    proto = onnx.ModelProto(ir_version=IR_VERSION, producer_name="qfx-onnx", producer_version=qfx_onnx.__version__)
+    writer = _Writer(gm, values, proto.graph)
+    writer.run()
+    proto.opset_import.extend([helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)])
+    proto.functions.extend(writer.functions[k] for k in sorted(writer.functions))
     meta = {META_VERSION: FORMAT_VERSION}
     if source:
         meta[META_SOURCE] = os.path.basename(source)
-    proto = helper.make_model(
-        graph, functions=[writer.functions[k] for k in sorted(writer.functions)], ir_version=IR_VERSION,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
-        producer_name="qfx-onnx", producer_version=qfx_onnx.__version__,
-    )
     helper.set_model_props(proto, meta)
     _set_output_shapes(proto, info.graph_name)
     try:
-        onnx.checker.check_model(proto, full_check=True)
+        light = weight_free(proto)
+        kept = {t.name for t in light.graph.initializer}
+        for tensor in proto.graph.initializer:
+            if tensor.name not in kept:
+                onnx.checker.check_tensor(tensor)
+        onnx.checker.check_model(light, full_check=True)
     except Exception as exc:
         reason = " ".join(str(exc).split())[:300]
         raise ExportError(f"{info.graph_name}: the annotated model is invalid ONNX ({reason})") from None
     return proto
+
+
+def lossless_values(gm: fx.GraphModule, examples: Sequence[torch.Tensor], values: Values | None = None) -> Values:
+    """Type propagation (:func:`~qfx_onnx.quant.typeprop.propagate`) of ``gm`` on ``examples``
+    (floating ones in the parameters' dtype). ``values`` from an earlier call on the same model,
+    its casts unchanged since, is returned as it is when its inputs had the shapes of ``examples``:
+    types and shapes depend only on those and on the casts. Otherwise it is computed afresh.
+    """
+    examples = tuple(examples)
+    if values is not None:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if [values[n].shape if n in values else None for n in placeholders] == [tuple(x.shape) for x in examples]:
+            return values
+    dtype = next((p.dtype for p in gm.parameters()), torch.float64)
+    return propagate(gm, tuple(x.to(dtype) if x.is_floating_point() else x for x in examples))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,12 +138,12 @@ def build_annotated(model: FixedPointModel, *, example_input: Examples = None, s
 class _Writer:
     """Builds the ONNX graph of one fx GraphModule; ``values`` is typeprop's view of every node."""
 
-    def __init__(self, gm: fx.GraphModule, values: dict[fx.Node, ValueInfo]) -> None:
+    def __init__(self, gm: fx.GraphModule, values: dict[fx.Node, ValueInfo], graph: onnx.GraphProto) -> None:
         self.gm = gm
         self.values = values
+        self.graph = graph  # filled by run(); initializers go straight in, never held twice
         self.names: dict[fx.Node, str] = {}
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
         self.functions: dict[str, onnx.FunctionProto] = {}
         self.annotations: list[tuple[str, dict[str, str]]] = []
         self._tensors: set[str] = set()
@@ -152,7 +177,7 @@ class _Writer:
     def const(self, name: str, array: np.ndarray) -> str:
         """A new initializer (name made unique) holding ``array``."""
         name = self.fresh(name)
-        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))  # keeps 0-d shapes
+        self.graph.initializer.append(numpy_helper.from_array(np.array(array, order="C"), name))  # keeps 0-d shapes
         return name
 
     def arg(self, value) -> str:
@@ -184,7 +209,8 @@ class _Writer:
         return node.meta.get("onnx_node") or output
 
     # --------------------------------------------------------------------------------------- walk
-    def run(self) -> onnx.GraphProto:
+    def run(self) -> None:
+        """Fill ``self.graph`` (as ``helper.make_graph`` would) from the fx graph."""
         info = self.gm.onnx_info
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(info.input_names):
@@ -204,9 +230,12 @@ class _Writer:
                 self.emit_call(node)
             elif node.op == "output":
                 outputs = self.emit_outputs(node, info.output_names)
-        graph = helper.make_graph(self.nodes, info.graph_name, inputs, outputs, self.initializers)
+        graph = self.graph
+        graph.node.extend(self.nodes)
+        graph.name = info.graph_name
+        graph.input.extend(inputs)
+        graph.output.extend(outputs)
         graph.quantization_annotation.extend(_annotation(n, e) for n, e in self.annotations)
-        return graph
 
     def emit_constant(self, node: fx.Node) -> None:
         value = operator.attrgetter(node.target)(self.gm).detach().cpu()
@@ -219,10 +248,13 @@ class _Writer:
         quantizers = [self.gm.get_submodule(u.target) for u in node.users if u.op == "call_module"]
         if len(quantizers) == 1 and len(node.users) == 1:
             # float32 rounding of a float64 parameter can move it onto a rounding tie: store the
-            # quantized value (a fixed point of the cast) wherever the cast would change
-            q = quantizers[0]
-            want = q.quantize_frozen(exact)
-            stored = torch.where(q.quantize_frozen(stored.to(torch.float64)) == want, stored, want.to(torch.float32))
+            # quantized value (a fixed point of the cast) wherever the cast would change. Where
+            # float32 holds every value exactly (always, for weights read from an ONNX file) the
+            # cast sees the same values and nothing changes.
+            if not torch.equal(stored.to(torch.float64), exact):
+                q = quantizers[0]
+                want = q.quantize_frozen(exact)
+                stored = torch.where(q.quantize_frozen(stored.to(torch.float64)) == want, stored, want.to(torch.float32))
         elif not torch.equal(stored.to(torch.float64), exact):
             log.warning("constant %s is not exactly a float32; onnxruntime sees it rounded", name)
         self.names[node] = self.const(name, stored.numpy())
@@ -532,8 +564,8 @@ def _example_inputs(model: FixedPointModel, given) -> tuple[torch.Tensor, ...]:
 
 def _set_output_shapes(proto: onnx.ModelProto, label: str) -> None:
     """Graph output shapes from ONNX shape inference (dynamic dims stay symbolic)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    try:  # on a copy without the large weights: inference would serialize and parse them twice
+        inferred = onnx.shape_inference.infer_shapes(weight_free(proto), strict_mode=True, data_prop=True)
     except Exception as exc:
         log.warning("%s: output shapes left unset (shape inference failed: %s)", label, exc)
         return
@@ -557,4 +589,4 @@ def _save_atomically(proto: onnx.ModelProto, path: Path) -> None:
     write_atomic(path, proto.SerializeToString(), what="annotated ONNX model", error=ExportError)
 
 
-__all__ = ["build_annotated", "emitter", "save_annotated", "write_annotated"]
+__all__ = ["build_annotated", "emitter", "lossless_values", "save_annotated", "write_annotated"]

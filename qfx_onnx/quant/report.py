@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
 import torch
 from rich.table import Table
+from torch import fx
 
 from qfx_onnx.fixed.types import FixedType
 from qfx_onnx.quant.quantize import CAST_MODULE_PREFIX, FixedPointModel
-from qfx_onnx.quant.typeprop import propagate
+from qfx_onnx.quant.typeprop import ValueInfo, propagate
 
 
 @dataclass
@@ -61,8 +63,10 @@ class QuantReport:
     verify: dict | None = None
 
     def to_json(self) -> str:
+        """The report as JSON. A non-finite number is the string the table prints, ``"inf"``,
+        ``"-inf"`` or ``"nan"`` (JSON has no such numbers): SQNR ``"inf"`` is a lossless cast."""
         def clean(v):
-            return None if isinstance(v, float) and not math.isfinite(v) else v
+            return str(v) if isinstance(v, float) and not math.isfinite(v) else v
 
         tensors = [{**{k: clean(v) for k, v in asdict(t).items() if k not in ("signal", "noise")},
                     "clipped_fraction": t.clipped_fraction, "sqnr_db": clean(t.sqnr_db)} for t in self.tensors]
@@ -84,8 +88,48 @@ def _bounds(quant, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lo.reshape(shape), hi.reshape(shape)
 
 
-def measure_tensors(model: FixedPointModel, batches) -> list[TensorStats]:
-    """Run ``batches`` through the fixed-point model and collect TensorStats for every cast."""
+class _Meter:
+    """Forward hook of one cast: accumulates its TensorStats.
+
+    Types are frozen while measuring, so the range limits are computed on the first call only. A
+    per-tensor cast whose observed minimum and maximum lie within them clipped nothing, which spares
+    the element-wise comparison; NaN fails that test and is counted as before (never out of range).
+    Sums of squares are dot products: one pass each, summed in another order than ``sum`` would.
+    """
+
+    def __init__(self, entry: TensorStats) -> None:
+        self.entry = entry
+        self.limits: tuple[torch.Tensor, torch.Tensor, float, float] | None = None
+
+    def __call__(self, module, inputs, output) -> None:
+        raw = inputs[0].detach().to(torch.float64).reshape(-1)
+        if raw.numel() == 0:
+            return
+        out = output.detach().to(torch.float64).reshape(-1)
+        if self.limits is None:
+            lo, hi = _bounds(module, inputs[0].detach().to(torch.float64))
+            scalar = lo.dim() == 0
+            self.limits = (lo, hi, lo.item() if scalar else math.nan, hi.item() if scalar else math.nan)
+        lo, hi, lo_value, hi_value = self.limits
+        low, high = (v.item() for v in torch.aminmax(raw))
+        entry = self.entry
+        entry.min = min(entry.min, low)
+        entry.max = max(entry.max, high)
+        entry.count += raw.numel()
+        if not (lo_value <= low and high <= hi_value):  # per channel, or perhaps clipped
+            full = inputs[0].detach().to(torch.float64)
+            entry.out_of_range += int(((full < lo) | (full > hi)).sum())
+        entry.signal += float(torch.dot(raw, raw))
+        noise = raw - out
+        entry.noise += float(torch.dot(noise, noise))
+
+
+def measure_tensors(model: FixedPointModel, batches, on_output: Callable[[Any], None] | None = None) -> list[TensorStats]:
+    """Run ``batches`` through the fixed-point model and collect TensorStats for every cast.
+
+    ``on_output``, when given, receives the model's output for each batch, so that a caller can
+    score the same forward passes instead of running the model again.
+    """
     gm = model.graph_module
     stats: dict[str, TensorStats] = {}
     handles = []
@@ -97,33 +141,28 @@ def measure_tensors(model: FixedPointModel, batches) -> list[TensorStats]:
         entry = TensorStats(node.meta["onnx_name"], node.meta.get("role", ""),
                             str(types[0]) if len(types) == 1 else f"{types[0]} ... ({len(types)} channels)")
         stats[entry.tensor] = entry
-
-        def hook(module, inputs, output, entry=entry):
-            raw = inputs[0].detach().to(torch.float64)
-            out = output.detach().to(torch.float64)
-            lo, hi = _bounds(module, raw)
-            entry.min = min(entry.min, raw.min().item())
-            entry.max = max(entry.max, raw.max().item())
-            entry.count += raw.numel()
-            entry.out_of_range += int(((raw < lo) | (raw > hi)).sum())
-            entry.signal += float((raw * raw).sum())
-            entry.noise += float(((raw - out) ** 2).sum())
-
-        handles.append(quant.register_forward_hook(hook))
+        handles.append(quant.register_forward_hook(_Meter(entry)))
     try:
         with torch.no_grad():
             for x in batches:
-                model(x)
+                out = model(x)
+                if on_output is not None:
+                    on_output(out)
     finally:
         for h in handles:
             h.remove()
     return list(stats.values())
 
 
-def layer_exactness(model: FixedPointModel, example: torch.Tensor) -> list[LayerExactness]:
-    """Lossless width of every linear/arithmetic result and whether float64/float32 hold it exactly."""
+def layer_exactness(model: FixedPointModel, example: torch.Tensor,
+                    values: dict[fx.Node, ValueInfo] | None = None) -> list[LayerExactness]:
+    """Lossless width of every linear/arithmetic result and whether float64/float32 hold it exactly.
+
+    ``values`` is type propagation's result for ``model`` on inputs shaped like ``example``
+    (:func:`~qfx_onnx.quant.typeprop.propagate`), for a caller that has it already.
+    """
     gm = model.graph_module
-    info = propagate(gm, (example.to(torch.float64),))
+    info = values if values is not None else propagate(gm, (example.to(torch.float64),))
     layers = []
     for node, vi in info.items():
         if node.op != "call_function" or vi.type is None:
@@ -146,7 +185,7 @@ def tensor_table(report: QuantReport, limit: int | None = None) -> Table:
         table.add_column(col, overflow="fold")
     rows = report.tensors if limit is None else report.tensors[:limit]
     for t in rows:
-        sqnr = "inf" if math.isinf(t.sqnr_db) else f"{t.sqnr_db:.1f}"
+        sqnr = f"{t.sqnr_db:.1f}"  # "inf", "-inf" as in the JSON
         table.add_row(_short(t.tensor), t.role, t.type, f"[{t.min:.4g}, {t.max:.4g}]", f"{t.clipped_fraction:.2%}", sqnr)
     return table
 

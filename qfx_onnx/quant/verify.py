@@ -10,6 +10,7 @@ approximation, and everything computed from such a value.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -21,14 +22,15 @@ import torch
 from onnx import helper
 from torch import fx
 
-from qfx_onnx.batching import fixed_batch_of, join_chunks, split_chunks
+from qfx_onnx.batching import fixed_batch_of, split_chunks
 from qfx_onnx.errors import OnnxModelError
 from qfx_onnx.fixed.types import OverflowMode, QuantMode
 from qfx_onnx.importer.reader import read_model
 from qfx_onnx.ir.ops import op_of
 from qfx_onnx.quant.annotated import NOT_ANNOTATED, find_casts
+from qfx_onnx.quant.annotated_write import lossless_values
 from qfx_onnx.quant.quantize import CAST_MODULE_PREFIX, FixedPointModel, output_nodes
-from qfx_onnx.quant.typeprop import ValueInfo, propagate
+from qfx_onnx.quant.typeprop import ValueInfo
 
 
 @dataclass(frozen=True)
@@ -85,95 +87,132 @@ class VerifyResult:
                 f"in float32, {len(self.unexpected)} unexpected mismatch(es)")
 
 
+CHUNK_BYTES = 256 * 2**20
+"""About how many bytes of onnxruntime's outputs (float32) one run may hold: a verify on more
+samples than that allows runs in chunks of samples."""
+
+
 def verify_annotated(model: FixedPointModel, onnx_model: str | os.PathLike | onnx.ModelProto,
-                     x: torch.Tensor | Sequence[torch.Tensor]) -> VerifyResult:
+                     x: torch.Tensor | Sequence[torch.Tensor], *, values: dict[fx.Node, ValueInfo] | None = None) -> VerifyResult:
     """Compare every quantized tensor (and every graph output) of ``onnx_model`` run by
     onnxruntime on ``x`` (as float32) with the float64 emulation of ``model`` on the same float32
     values. Raises OnnxModelError when the ONNX model is not annotated or casts other tensors
     than ``model``.
+
+    Every element of every tensor is compared, in bounded memory: onnxruntime runs on chunks of
+    samples (of :data:`CHUNK_BYTES` of outputs; a graph fixed to one batch in that batch), and
+    each cast's emulated value is compared as the emulation produces it, then dropped with
+    onnxruntime's. Counts add up over the chunks; casts of parameters are compared once.
+    ``values`` may pass type propagation's result from an earlier call on one sample
+    (:func:`~qfx_onnx.quant.annotated_write.lossless_values`).
     """
     proto, label = read_model(onnx_model)
     casts = find_casts(proto.graph, label)
     if not casts:
         raise OnnxModelError(f"{label}: {NOT_ANNOTATED}")
+    onnx_names = {c.tensor: c.out for c in casts}
+    del casts  # its NodeProtos would keep the whole model alive
     inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
     inputs = tuple(t.detach().cpu().to(torch.float32) if t.is_floating_point() else t.detach().cpu() for t in inputs)
     gm = model.graph_module
     cast_nodes = {n.meta["onnx_name"]: n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(CAST_MODULE_PREFIX)}
-    onnx_names = {c.tensor: c.out for c in casts}
     if set(onnx_names) != set(cast_nodes):
         diff = sorted(set(onnx_names) ^ set(cast_nodes))
         raise OnnxModelError(f"{label}: the ONNX model and the fixed-point model quantize different tensors ({', '.join(diff[:5])})")
 
     fixed = fixed_batch_of(gm)
     constant = {name for name, node in cast_nodes.items() if node.args[0].op == "get_attr"}  # same in every chunk
-    emulated, outputs = _emulate(model, cast_nodes, inputs, constant)
-    extra = [name for name in onnx_names.values()]
-    ran = _run_onnxruntime(proto, extra, inputs, fixed, {onnx_names[name] for name in constant})
-    dtype = next((p.dtype for p in gm.parameters()), torch.float64)
     # types do not depend on the data: one sample (one chunk of a fixed-batch graph) gives the shapes
     first = split_chunks(inputs, fixed)[0] if fixed else [t[:1] for t in inputs]
-    values = propagate(gm, tuple(t.to(dtype) if t.is_floating_point() else t for t in first))
+    values = lossless_values(gm, first, values)
     exact = _predict(gm, values)
+    graph_outputs = [o.name for o in proto.graph.output]
+    probe = _probe_bytes(proto, list(onnx_names.values()))
+    del proto  # when read from a file, onnxruntime's copy is the only one left
+    session = ort.InferenceSession(probe, providers=["CPUExecutionProvider"])
+    del probe
+
+    cast_outputs = set(onnx_names.values())
+    uncast = [(k, node, name) for k, (node, name) in enumerate(zip(output_nodes(gm), graph_outputs)) if name not in cast_outputs]
+    tallies = {name: _Tally() for name in [*cast_nodes, *(name for _, _, name in uncast)]}
+    per_sample = 4 * sum(_numel(values[node]) for name, node in cast_nodes.items() if name not in constant)
+    names = [o.name for o in session.get_outputs()]
+    for index, (chunk, rows) in enumerate(_chunks(inputs, fixed, max(1, CHUNK_BYTES // max(per_sample, 1)))):
+        ran = dict(zip(names, session.run(names, {i.name: t.numpy() for i, t in zip(session.get_inputs(), chunk)})))
+
+        def compare(name: str, want: torch.Tensor, ran=ran, first=index == 0, rows=rows) -> None:
+            got = ran.pop(onnx_names[name])  # dropped once compared
+            if name not in constant:
+                tallies[name].add(want[:rows], got[:rows])
+            elif first:
+                tallies[name].add(want, got)
+
+        outputs = _emulate(model, cast_nodes, chunk, compare)
+        for k, _, name in uncast:
+            tallies[name].add(outputs[k][:rows], ran.pop(name)[:rows])
 
     result = VerifyResult()
     quantizers = model.quantizers()
     for name, node in cast_nodes.items():
         types = quantizers[name].frozen_types()
         raw = node.args[0]
-        result.layers.append(_compare(
+        result.layers.append(tallies[name].check(
             name, onnx_names[name], node.meta.get("role", ""), ";".join(str(t) for t in types) if len(types) > 1 else str(types[0]),
-            "" if raw.op == "get_attr" else _type_text(values.get(raw)), emulated[name], ran[onnx_names[name]], *exact[node]))
-    cast_outputs = set(onnx_names.values())
-    for node, value, out in zip(output_nodes(gm), outputs, proto.graph.output):
-        if out.name not in cast_outputs:  # an uncast graph output (after a reshape ...)
-            result.layers.append(_compare(out.name, out.name, "output", _type_text(values.get(node)), _type_text(values.get(node)),
-                                          value, ran[out.name], *exact[node]))
+            "" if raw.op == "get_attr" else _type_text(values.get(raw)), *exact[node]))
+    for _, node, name in uncast:  # an uncast graph output (after a reshape ...)
+        result.layers.append(tallies[name].check(name, name, "output", _type_text(values.get(node)), _type_text(values.get(node)),
+                                                 *exact[node]))
     return result
 
 
-def _emulate(model: FixedPointModel, cast_nodes: dict[str, fx.Node], inputs,
-             constant: set[str]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """The emulation's value of every cast tensor (forward hooks) and its outputs, float64.
+def _chunks(inputs: tuple[torch.Tensor, ...], fixed_batch: int | None, size: int):
+    """(chunk, rows): the inputs in chunks to run, and how many leading rows of each are samples.
 
-    A graph fixed to one batch runs in chunks (one hook call per chunk): batched values are
-    joined, and those in ``constant`` (casts of parameters) taken from the first chunk."""
-    seen: dict[str, list[torch.Tensor]] = {}
+    A graph fixed to one batch runs in chunks of that batch, the last one padded (see
+    :mod:`qfx_onnx.batching`); any other in chunks of at most ``size`` samples."""
+    n = int(inputs[0].shape[0])
+    if fixed_batch and n != fixed_batch:
+        for k, chunk in enumerate(split_chunks(list(inputs), fixed_batch)):
+            yield chunk, min(fixed_batch, n - k * fixed_batch)
+        return
+    if fixed_batch:
+        size = n
+    for start in range(0, max(n, 1), size):
+        chunk = [t[start:start + size] for t in inputs]
+        yield chunk, int(chunk[0].shape[0])
+
+
+def _emulate(model: FixedPointModel, cast_nodes: dict[str, fx.Node], inputs, compare) -> list[torch.Tensor]:
+    """Run the emulation on ``inputs`` calling ``compare(name, value)`` with every cast's value
+    (float64) as it is computed (forward hooks); the outputs, float64."""
     handles = []
     for name, node in cast_nodes.items():
         module = model.graph_module.get_submodule(node.target)
-        handles.append(module.register_forward_hook(lambda _m, _i, out, name=name: seen.setdefault(name, []).append(out.detach().to(torch.float64))))
+        handles.append(module.register_forward_hook(lambda _m, _i, out, name=name: compare(name, out.detach().to(torch.float64))))
     try:
         with torch.no_grad():
             out = model(*inputs)
     finally:
         for handle in handles:
             handle.remove()
-    n = int(inputs[0].shape[0])
-    joined = {name: parts[0] if len(parts) == 1 or name in constant else join_chunks(parts, n) for name, parts in seen.items()}
     outputs = list(out) if isinstance(out, (tuple, list)) else [out]
-    return joined, [o.detach().to(torch.float64) for o in outputs]
+    return [o.detach().to(torch.float64) for o in outputs]
 
 
-def _run_onnxruntime(proto: onnx.ModelProto, extra: list[str], inputs, fixed_batch: int | None = None,
-                     constant: set[str] = frozenset()) -> dict[str, np.ndarray]:
-    """Every graph output and every tensor in ``extra``, from onnxruntime runs on a copy: one run,
-    or one per chunk of ``fixed_batch`` samples (``constant`` tensors then from the first)."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    present = {o.name for o in probe.graph.output}
-    for name in extra:
-        if name not in present:
-            probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    arrays = [t.numpy() for t in inputs]
-    n = int(arrays[0].shape[0])
-    chunks = split_chunks(arrays, fixed_batch) if fixed_batch and n != fixed_batch else [arrays]
-    runs = [dict(zip(names, session.run(names, {i.name: a for i, a in zip(session.get_inputs(), chunk)}))) for chunk in chunks]
-    if len(runs) == 1:
-        return runs[0]
-    return {name: runs[0][name] if name in constant else join_chunks([r[name] for r in runs], n) for name in names}
+def _probe_bytes(proto: onnx.ModelProto, extra: list[str]) -> bytes:
+    """``proto`` serialized with every tensor in ``extra`` as a graph output too. The outputs are
+    added for the serialization only: ``proto`` is as it was on return."""
+    outputs = proto.graph.output
+    present, count = {o.name for o in outputs}, len(outputs)
+    outputs.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in extra if name not in present)
+    try:
+        return proto.SerializeToString()
+    finally:
+        del outputs[count:]
+
+
+def _numel(value: ValueInfo) -> int:
+    return math.prod(value.shape) if value.shape is not None else 0
 
 
 def _predict(gm: fx.GraphModule, values: dict[fx.Node, ValueInfo]) -> dict[fx.Node, tuple[bool, str]]:
@@ -193,16 +232,37 @@ def _predict(gm: fx.GraphModule, values: dict[fx.Node, ValueInfo]) -> dict[fx.No
     return exact
 
 
-def _compare(tensor: str, onnx_tensor: str, role: str, ap_type: str, raw_type: str, want: torch.Tensor,
-             got: np.ndarray, predicted: bool, reason: str) -> LayerCheck:
-    want32 = want.to(torch.float32).numpy()
-    if want32.shape != got.shape:
-        return LayerCheck(tensor, onnx_tensor, role, ap_type, raw_type, int(want32.size), int(want32.size), float("inf"), predicted,
-                          reason or f"shape {got.shape} from onnxruntime, {want32.shape} emulated")
-    mismatches = int(np.count_nonzero(want32.view(np.uint32) != got.astype(np.float32).view(np.uint32)))
-    diff = np.abs(got.astype(np.float64) - want.numpy())
-    max_diff = float(np.nanmax(diff)) if diff.size and not np.all(np.isnan(diff)) else (0.0 if not mismatches else float("nan"))
-    return LayerCheck(tensor, onnx_tensor, role, ap_type, raw_type, int(want32.size), mismatches, max_diff, predicted, reason)
+class _Tally:
+    """One tensor's comparison, added up over chunks of samples."""
+
+    def __init__(self) -> None:
+        self.elements = 0
+        self.mismatches = 0
+        self.max_diff = -math.inf  # over the non-NaN differences
+        self.shape_error = ""
+
+    def add(self, want: torch.Tensor, got: np.ndarray) -> None:
+        """Compare the emulated ``want`` (float64) with onnxruntime's ``got`` as float32 bits."""
+        want32 = want.to(torch.float32).numpy()
+        self.elements += int(want32.size)
+        if want32.shape != got.shape:
+            self.mismatches += int(want32.size)
+            self.shape_error = self.shape_error or f"shape {got.shape} from onnxruntime, {want32.shape} emulated"
+            return
+        got32 = got.astype(np.float32, copy=False)
+        self.mismatches += int(np.count_nonzero(want32.view(np.uint32) != got32.view(np.uint32)))
+        if got.size:
+            diff = np.abs(np.subtract(got32, want.numpy(), dtype=np.float64))
+            largest = float(np.fmax.reduce(diff, axis=None))  # NaN only when every difference is NaN
+            if not math.isnan(largest):
+                self.max_diff = max(self.max_diff, largest)
+
+    def check(self, tensor: str, onnx_tensor: str, role: str, ap_type: str, raw_type: str, predicted: bool, reason: str) -> LayerCheck:
+        if self.shape_error:
+            return LayerCheck(tensor, onnx_tensor, role, ap_type, raw_type, self.elements, self.mismatches, float("inf"), predicted,
+                              reason or self.shape_error)
+        max_diff = self.max_diff if self.max_diff != -math.inf else (0.0 if not self.mismatches else float("nan"))
+        return LayerCheck(tensor, onnx_tensor, role, ap_type, raw_type, self.elements, self.mismatches, max_diff, predicted, reason)
 
 
 def _type_text(value: ValueInfo | None) -> str:

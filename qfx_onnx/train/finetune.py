@@ -3,9 +3,17 @@
 :func:`finetune` trains a :class:`~qfx_onnx.quant.quantize.FixedPointModel` in place: the float
 master weights and, per quantizer, the ``frac`` parameter whose rounding is the tensor's binary
 point. Total widths never change here (see :mod:`qfx_onnx.train.prepare` to change them, go per
-channel or make weights K-hot first). Every epoch the model is evaluated with the exact float64
-fixed-point forward pass; the best epoch (epoch 0 being the model as given) is returned, with its
-parameters replaced by their exact fixed-point values.
+channel or make weights K-hot first).
+
+Model selection never looks at the test data. Every epoch the model is evaluated on a
+**validation** set with the exact float64 fixed-point forward pass: the ``val`` data given, or else
+``config.val_fraction`` of the training data carved out before training (seeded by
+``config.seed``, stratified by class when the targets are class labels; see
+:func:`qfx_onnx.train.batches.carve_validation`). The best validation epoch (epoch 0 being the
+model as given) is returned, with its parameters replaced by their exact fixed-point values, and
+``config.patience`` stops on the validation metric too. With ``val_fraction=0`` and no ``val``
+there is no selection: the last epoch is returned. The test data (``eval``) is evaluated once,
+on the returned model, after training: ``FinetuneResult.final``.
 
 Training runs the graph in ``config.train_dtype`` (float32 by default: every cast is still exact
 for W <= 24, only the sums of products inside convolutions round, and a step is faster than in
@@ -60,7 +68,7 @@ from qfx_onnx.fxcopy import copy_module
 from qfx_onnx.quant.quantize import FixedPointModel, align_bias_fracs
 from qfx_onnx.train import checkpoint as ckpt
 from qfx_onnx.train import distributed as dist_util
-from qfx_onnx.train.batches import Batch, ShardedBatches, split_item
+from qfx_onnx.train.batches import Batch, ShardedBatches, carve_validation, split_item
 from qfx_onnx.train.metrics import better, evaluate, loss_sum
 from qfx_onnx.train.prepare import (
     activation_quantizers, bake_parameters, describe, set_binary_points_learnable, weight_decay_params,
@@ -90,9 +98,11 @@ class FinetuneConfig:
 
     ``batch_size`` is the global batch (split across ranks). ``frac_lr`` is the learning rate of
     the binary points (default ``frac_lr_scale * lr``: with Adam a step moves a binary point by
-    about the learning rate, and it must travel 0.5 to change the type). ``patience``: stop after
-    that many epochs without improvement of the evaluation metric (accuracy, or the loss for
-    regression). ``checkpoint_dir`` None: no checkpoints.
+    about the learning rate, and it must travel 0.5 to change the type). ``val_fraction``: the
+    share of the training data set aside (seeded by ``seed``, stratified by class) to select the
+    best epoch on, when no validation data is given; 0: no validation, the last epoch is kept.
+    ``patience``: stop after that many epochs without improvement of the validation metric
+    (accuracy, or the loss for regression). ``checkpoint_dir`` None: no checkpoints.
     """
 
     epochs: int = 10
@@ -107,6 +117,7 @@ class FinetuneConfig:
     task: str = "classification"
     learn_binary_points: bool = True
     seed: int = 0
+    val_fraction: float = 0.1
     patience: int | None = None
     device: str = "cpu"
     train_dtype: str = "float32"
@@ -129,6 +140,8 @@ class FinetuneConfig:
                                      ("lr-schedule", self.lr_schedule, SCHEDULES), ("train-dtype", self.train_dtype, tuple(DTYPES))):
             if value not in allowed:
                 raise QfxError(f"--{name} {value!r}: choose one of {', '.join(allowed)}")
+        if not (math.isfinite(self.val_fraction) and 0.0 <= self.val_fraction < 1.0):
+            raise QfxError(f"--val-fraction {self.val_fraction}: must be >= 0 and < 1 (0: no validation, keep the last epoch)")
         if self.patience is not None and self.patience < 1:
             raise QfxError(f"--patience {self.patience}: must be >= 1")
         if self.resume and not self.checkpoint_dir:
@@ -147,10 +160,16 @@ class FinetuneConfig:
 @dataclass
 class FinetuneResult:
     """What :func:`finetune` did. ``model`` is the finetuned model (the one passed in, now holding
-    the best epoch's exact fixed-point parameters and binary points). ``history`` has one record
-    per evaluated epoch (epoch 0: before training). ``final`` are the exact float64 metrics of the
-    returned model (None without evaluation data); ``binary_points`` maps each tensor to its
-    integer fractional bits (per channel) before and after."""
+    the selected epoch's exact fixed-point parameters and binary points). ``history`` has one
+    record per epoch (epoch 0: before training) with the validation metrics ``val_loss`` (and
+    ``val_accuracy``) when there is validation data. ``best_epoch`` is the epoch selected on
+    validation (the last epoch without validation); ``validation`` its validation metrics and
+    ``initial`` those of the model as given (None without validation). ``final`` are the exact
+    float64 metrics of the returned model on the test data, evaluated once after selection (None
+    without test data). ``split`` says how validation data was found: ``kind`` "carved" (from
+    the training data), "given" or "none", ``train_samples``, ``val_samples``, ``stratified``.
+    ``binary_points`` maps each tensor to its integer fractional bits (per channel) before and
+    after."""
 
     model: FixedPointModel
     history: list[dict[str, Any]]
@@ -161,6 +180,8 @@ class FinetuneResult:
     stopped_early: bool
     checkpoint: Path | None
     binary_points: dict[str, tuple[list[int], list[int]]]
+    validation: dict[str, float] | None = None
+    split: dict[str, Any] | None = None
     rank: int = 0
     world: int = 1
     seconds: float = 0.0
@@ -267,17 +288,23 @@ class _StopFlag:
 
 # ------------------------------------------------------------------------------------- loop
 def finetune(model: FixedPointModel, train: Dataset | DataLoader, eval: Dataset | DataLoader | None = None,
-             config: FinetuneConfig | None = None, *, callbacks: Sequence[Callback] = ()) -> FinetuneResult:
-    """Finetune ``model`` in place on ``train`` and return the best epoch's model (see module doc).
+             config: FinetuneConfig | None = None, *, val: Dataset | DataLoader | None = None,
+             callbacks: Sequence[Callback] = ()) -> FinetuneResult:
+    """Finetune ``model`` in place on ``train``, select the best epoch on validation data, and
+    evaluate the selected model once on the test data ``eval`` (see module doc).
 
-    ``train``/``eval`` are map-style Datasets of ``(x, y)`` items (then batching, shuffling and
-    sharding across ranks are done here, deterministically from ``config.seed``) or DataLoaders
-    (used as they are, one per rank). Without ``eval`` the last epoch is returned. Guarantees:
-    the same seed and data give identical weights and binary points; a run resumed from its
-    checkpoint ends exactly where the uninterrupted run would; the returned model's parameters
-    are exact fixed-point values and its ``final`` metrics come from the exact float64 pass.
-    Raises FinetuneInterrupted (exit code 130) after saving a checkpoint on Ctrl-C, and QfxError
-    for bad settings or data.
+    ``train``/``val``/``eval`` are map-style Datasets of ``(x, y)`` items (then batching, shuffling
+    and sharding across ranks are done here, deterministically from ``config.seed``) or
+    DataLoaders (used as they are, one per rank). Without ``val``, ``config.val_fraction`` of a
+    map-style ``train`` becomes the validation set (a DataLoader cannot be split: pass ``val`` or
+    ``val_fraction=0``); with ``val_fraction=0`` the last epoch is returned. ``eval`` never
+    influences training or selection: it is evaluated once, at the end, into ``final``.
+    Guarantees: the same seed and data give the same split and identical weights and binary
+    points; a run resumed from its checkpoint ends exactly where the uninterrupted run would (the
+    split is part of the checkpoint's fingerprint); the returned model's parameters are exact
+    fixed-point values and all metrics come from the exact float64 pass. Raises
+    FinetuneInterrupted (exit code 130) after saving a checkpoint on Ctrl-C, and QfxError for
+    bad settings or data.
     """
     config = config or FinetuneConfig()
     config.check()
@@ -285,17 +312,18 @@ def finetune(model: FixedPointModel, train: Dataset | DataLoader, eval: Dataset 
         raise QfxError(f"finetune expects a FixedPointModel, not {type(model).__name__}")
     ctx = dist_util.setup(config.device)
     try:
-        return _Run(model, train, eval, config, ctx, list(callbacks)).run()
+        return _Run(model, train, val, eval, config, ctx, list(callbacks)).run()
     finally:
         dist_util.teardown(ctx)
 
 
 class _Run:
-    def __init__(self, model: FixedPointModel, train, eval_data, config: FinetuneConfig,
+    def __init__(self, model: FixedPointModel, train, val_data, test_data, config: FinetuneConfig,
                  ctx: dist_util.DistContext, callbacks: list[Callback]) -> None:
-        self.model, self.eval_data, self.cfg, self.ctx, self.callbacks = model, eval_data, config, ctx, callbacks
+        self.model, self.test_data, self.cfg, self.ctx, self.callbacks = model, test_data, config, ctx, callbacks
         self.device = ctx.device
         self.home = next(model.parameters()).device
+        train, self.val_data, self.split = _validation(train, val_data, config)
         if isinstance(train, DataLoader):
             self.loader, self.batches = train, None
             self.steps_per_epoch = len(train)
@@ -323,7 +351,7 @@ class _Run:
         self.fingerprint = {**cfg.fingerprint(), "model": _state_hash(self.model),
                             "structure": hashlib.sha256(repr(describe(self.model)).encode()).hexdigest()[:16],
                             "train_samples": self.batches.n if self.batches else None,
-                            "steps_per_epoch": self.steps_per_epoch}
+                            "steps_per_epoch": self.steps_per_epoch, "split": self.split["fingerprint"]}
         self.net = copy_module(self.model).to(DTYPES[cfg.train_dtype])
         self.net.train()
         if self.ctx.active:
@@ -375,17 +403,19 @@ class _Run:
         self.loss_sum, self.loss_count = state["partial"]["loss_sum"], state["partial"]["count"]
 
     # ------------------------------------------------------------------------------ evaluation
-    def _evaluate(self) -> dict[str, float] | None:
-        if self.eval_data is None:
+    def _validate(self) -> dict[str, float] | None:
+        """The validation metrics of the current weights (as they would be returned); the test
+        data is never looked at here."""
+        if self.val_data is None:
             return None
         self.model.load_state_dict(self.net.state_dict())
-        return evaluate(_aligned(self.model), self.eval_data, self.cfg.task, batch_size=self.cfg.eval_batch_size,
+        return evaluate(_aligned(self.model), self.val_data, self.cfg.task, batch_size=self.cfg.eval_batch_size,
                         device=self.device, ctx=self.ctx)
 
     def _record(self, epoch: int, metrics: dict[str, float] | None, train_loss: float | None, seconds: float) -> dict:
         record = {"epoch": epoch, "train_loss": train_loss, "lr": self.opt.param_groups[0]["lr"], "seconds": seconds}
         if metrics is not None:
-            record.update({f"eval_{k}": v for k, v in metrics.items() if k != "count"})
+            record.update({f"val_{k}": v for k, v in metrics.items() if k != "count"})
         improved = metrics is None or better(metrics, self.best["metrics"] if self.best else None, self.cfg.task)
         if improved:
             self.best = {"epoch": epoch, "metrics": metrics, "state": _clone_state(self.net)}
@@ -445,7 +475,7 @@ class _Run:
         if self.cfg.resume:
             self._restore()
         else:
-            self._record(0, self._evaluate(), None, 0.0)
+            self._record(0, self._validate(), None, 0.0)
             self._save()
         initial = self.history[0] if self.history else None
         info = {"epochs": self.cfg.epochs, "steps_per_epoch": self.steps_per_epoch, "start_epoch": self.epoch,
@@ -474,7 +504,7 @@ class _Run:
                 if dist_util.any_rank(self.ctx, flag.requested):
                     raise KeyboardInterrupt
             epoch_loss, count = dist_util.all_sum(self.ctx, [self.loss_sum, self.loss_count])
-            metrics = self._evaluate()
+            metrics = self._validate()
             self.epoch, self.step = self.epoch + 1, 0
             self.loss_sum, self.loss_count = 0.0, 0.0
             record = self._record(self.epoch, metrics, epoch_loss / max(count, 1), time.perf_counter() - t0)
@@ -490,21 +520,56 @@ class _Run:
         align_bias_fracs(self.model)
         self.model.to(self.device, torch.float64)
         bake_parameters(self.model)
-        final = self._final_metrics()
+        final = self._test_once()
         after = _int_fracs(self.model)
         self.model.to(self.home)
+        split = {k: v for k, v in self.split.items() if k != "fingerprint"}
         return FinetuneResult(
             model=self.model, history=self.history, best_epoch=best["epoch"] if best else self.epoch, final=final,
-            initial={k[5:]: v for k, v in initial.items() if k.startswith("eval_")} if initial else None,
+            initial={k[4:]: v for k, v in initial.items() if k.startswith("val_")} if initial and self.val_data is not None else None,
             epochs_run=self.epoch, stopped_early=self.stopped_early, checkpoint=self.checkpoint,
             binary_points={k: (before[k], after.get(k, before[k])) for k in before},
+            validation=best["metrics"] if best and self.val_data is not None else None, split=split,
             rank=self.ctx.rank, world=self.ctx.world, seconds=seconds)
 
-    def _final_metrics(self) -> dict[str, float] | None:
-        if self.eval_data is None:
+    def _test_once(self) -> dict[str, float] | None:
+        """The test metrics of the returned model: the only time the test data is read."""
+        if self.test_data is None:
             return None
-        return evaluate(self.model, self.eval_data, self.cfg.task, batch_size=self.cfg.eval_batch_size,
+        return evaluate(self.model, self.test_data, self.cfg.task, batch_size=self.cfg.eval_batch_size,
                         device=self.device, ctx=self.ctx)
+
+
+def _validation(train, val, config: FinetuneConfig) -> tuple[Any, Any, dict[str, Any]]:
+    """``(train, val, split)``: the training data (without the rows carved out for validation),
+    the validation data (None: no selection) and a description of the split whose
+    ``fingerprint`` entry identifies it in checkpoints."""
+    info: dict[str, Any] = {"kind": "none", "val_samples": 0, "stratified": False, "val_fraction": config.val_fraction}
+    if val is not None:
+        info.update(kind="given", val_samples=_length(val), fingerprint=f"given:{_length(val)}")
+    elif config.val_fraction > 0:
+        if isinstance(train, DataLoader):
+            raise QfxError("a DataLoader cannot be split into training and validation data: pass val=..., "
+                           "or FinetuneConfig(val_fraction=0) to keep the last epoch without selection")
+        carved = carve_validation(train, config.val_fraction, config.seed, stratify=config.task == "classification")
+        train, val = carved.train, carved.val
+        digest = hashlib.sha256(carved.val_idx.numpy().astype("<i8").tobytes()).hexdigest()[:16]
+        info.update(kind="carved", val_samples=len(carved.val_idx), stratified=carved.stratified,
+                    fingerprint=f"carved:{config.val_fraction}:{len(carved.train_idx)}+{len(carved.val_idx)}:{digest}")
+    else:
+        info["fingerprint"] = "none"
+    if config.patience is not None and val is None:
+        raise QfxError("--patience stops on the validation metric, and there is no validation data "
+                       "(--val-fraction 0); give a validation fraction or drop --patience")
+    info["train_samples"] = _length(train)
+    return train, val, info
+
+
+def _length(data) -> int | None:
+    try:
+        return len(data.dataset) if isinstance(data, DataLoader) else len(data)
+    except TypeError:
+        return None
 
 
 __all__ = ["Callback", "FinetuneConfig", "FinetuneInterrupted", "FinetuneResult", "evaluate", "finetune"]

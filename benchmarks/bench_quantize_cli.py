@@ -1,0 +1,377 @@
+"""`qfx-onnx quantize` from the command line against the same work in-process, on bigger models.
+
+    python benchmarks/bench_quantize_cli.py [--rounds 3] [--calib-samples 256] [--eval-samples 256]
+        [--memory-samples 4] [--no-memory] [--baseline DIR] [--keep DIR]
+
+Time, on CIFAR ResNet-20 (``tests/zoo_arch.py``: 3x32x32, widths 16/32/64, 0.27M parameters),
+exported with the TorchScript exporter (opset 17, BatchNormalization kept, dynamic batch) and
+random data of its shape saved as an .npz with labels and train/test splits (``--calib-samples``
+training rows, ``--eval-samples`` test rows). Each round, in this order:
+
+* a fresh Python process that imports qfx_onnx and then runs the in-process quantize
+  ``qfx_onnx.quantize(model, data, calib_samples=N)`` twice (the second, warm call is the
+  baseline: what a script that already quantized once pays), then the CLI's own code in-process
+  (``app([...])``), with the library calls it makes wrapped to time each stage: ONNX import,
+  calibration, evaluation (the float and fixed-point passes of the score), report (per-tensor
+  statistics, lossless types), write, verify, and the rest (data loading, tables, JSON);
+* ``qfx-onnx quantize MODEL --data DATA --calib-samples N`` as a subprocess, wall time.
+
+Ratios are taken within a round, then the median over rounds; every time is a median. "Start-up"
+is the subprocess's wall time minus the in-process CLI's: Python, imports, exit.
+
+Memory, on the ResNet-50-sized model of ``bench_import.py`` (its builder, 25.6M parameters, 102 MB
+of float32): a fresh process imports the CLI and everything its quantize command imports,
+reads VmRSS, resets the high-water mark (``/proc/self/clear_refs``) and runs the command
+in-process on ``--memory-samples`` samples (calibration, evaluation and verify); the peak extra
+memory is VmHWM minus that RSS, reported per stage too (the mark is reset at every stage
+boundary). The real command's ``ru_maxrss`` (from a small parent, so that it shows the command's
+own peak, imports included) is shown beside it.
+
+Targets from the issue: the CLI within 3x the in-process quantize; the CLI's peak extra memory on
+the ResNet-50-sized model within 3x the weights. Timings are printed, never asserted. The exit
+status is 1 when a command fails or verify does not report a bit-exact match.
+
+``--baseline DIR`` also measures the source tree in DIR, interleaved in the same rounds: a folder
+holding ``qfx_onnx/`` and ``qfx_onnx_cli/`` (the ``cli/`` folder renamed), e.g. from
+``git archive <commit> qfx_onnx cli | tar -x -C DIR && mv DIR/cli DIR/qfx_onnx_cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from bench_import import _reset_peak, _status_kb, _trim_heap, write_model  # noqa: E402
+
+TIME_TARGET_X = 3.0
+MEMORY_TARGET_X = 3.0
+MB = 1e6
+STAGES = ("import", "calibrate", "evaluate", "report", "write", "verify", "other")
+
+# -------------------------------------------------------------------------------------------------
+# models and data
+
+
+def write_resnet20(folder: Path) -> tuple[Path, dict]:
+    """CIFAR ResNet-20 from tests/zoo_arch.py as ONNX (BatchNormalization kept, dynamic batch)."""
+    import onnx
+    import torch
+
+    from tests.zoo_arch import resnet20
+
+    model = resnet20()
+    path = folder / "resnet20.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False, opset_version=17,
+                          do_constant_folding=False, training=torch.onnx.TrainingMode.EVAL,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    proto = onnx.load(str(path))
+    params = sum(p.numel() for p in model.parameters())
+    return path, dict(nodes=len(proto.graph.node), params=params)
+
+
+def write_data(path: Path, shape: tuple[int, ...], classes: int, train: int, test: int, seed: int = 0) -> Path:
+    """Random inputs of ``shape`` with random labels: ``train`` rows then ``test`` rows, split."""
+    rng = np.random.default_rng(seed)
+    n = train + test
+    np.savez(path, x=rng.standard_normal((n, *shape)).astype(np.float32), y=rng.integers(0, classes, n).astype(np.int64),
+             train_idx=np.arange(train, dtype=np.int64), test_idx=np.arange(train, n, dtype=np.int64))
+    return path
+
+
+# -------------------------------------------------------------------------------------------------
+# child processes: one measurement each, printed as one JSON line
+
+
+class _Stages:
+    """Wraps the library calls the CLI makes; time (and the memory peak) between consecutive
+    entries and exits, attributed to the innermost wrapped call (else "other")."""
+
+    def __init__(self, memory: bool) -> None:
+        self.memory = memory
+        self.stack: list[str] = []
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.peak: dict[str, int] = defaultdict(int)
+        self.base = 0
+        self.last = time.perf_counter()
+
+    def start(self) -> None:
+        if self.memory:
+            _trim_heap()
+            self.base = 1024 * _status_kb("VmRSS")
+            _reset_peak()
+        self.last = time.perf_counter()
+
+    def boundary(self) -> None:
+        now = time.perf_counter()
+        label = self.stack[-1] if self.stack else "other"
+        self.seconds[label] += now - self.last
+        if self.memory:
+            self.peak[label] = max(self.peak[label], 1024 * _status_kb("VmHWM") - self.base)
+            _reset_peak()
+        self.last = time.perf_counter()
+
+    def wrap(self, owner, name: str, label: str, top_only: bool = False) -> None:
+        """Time ``owner.name`` as ``label`` (only outside other stages when ``top_only``)."""
+        fn = getattr(owner, name, None)
+        if fn is None:  # an older tree without it
+            return
+
+        def wrapper(*args, **kwargs):
+            if top_only and self.stack:
+                return fn(*args, **kwargs)
+            self.boundary()
+            self.stack.append(label)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.boundary()
+                self.stack.pop()
+
+        setattr(owner, name, wrapper)
+
+
+def _cli_args(model: Path, data: Path, out: Path, calib: int, extra: list[str]) -> list[str]:
+    return ["quantize", str(model), "--data", str(data), "--calib-samples", str(calib), "-o", str(out), *extra]
+
+
+def _run_cli_in_process(args: list[str], stages: _Stages) -> tuple[float, str]:
+    """The CLI's quantize command run in this process, its stages timed; (seconds, stdout)."""
+    import qfx_onnx.quant.annotated as annotated
+    import qfx_onnx.quant.api as api
+    import qfx_onnx.quant.report as report
+    from qfx_onnx.quant import annotated_write
+    from qfx_onnx.quant.quantize import FixedPointModel
+    from qfx_onnx_cli.main import app
+
+    # the command imports these names when it runs, so it picks up the wrappers
+    stages.wrap(api, "load_onnx", "import")
+    stages.wrap(api, "quantize", "calibrate")
+    stages.wrap(FixedPointModel, "forward", "evaluate", top_only=True)
+    stages.wrap(report, "measure_tensors", "report")
+    stages.wrap(report, "layer_exactness", "report")
+    stages.wrap(annotated_write, "lossless_values", "report", top_only=True)
+    stages.wrap(annotated, "write_annotated", "write")
+    stages.wrap(annotated, "verify_annotated", "verify")
+    out = io.StringIO()
+    stages.start()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = app(args, standalone_mode=False)  # a failed command returns its exit code
+        except SystemExit as exc:
+            code = exc.code
+    if code:
+        raise RuntimeError(f"qfx-onnx {' '.join(args)} failed ({code}):\n{out.getvalue()[-3000:]}")
+    seconds = time.perf_counter() - t0
+    stages.boundary()
+    return seconds, out.getvalue()
+
+
+def _child_time(model: str, data: str, out: str, calib: int) -> dict:
+    """In-process quantize twice (cold, warm), then the CLI command in-process with stage times."""
+    import torch  # noqa: F401 - loaded before the measurement on purpose
+
+    import qfx_onnx
+
+    runs = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        qfx_onnx.quantize(model, data, calib_samples=calib)
+        runs.append(time.perf_counter() - t0)
+    stages = _Stages(memory=False)
+    seconds, text = _run_cli_in_process(_cli_args(Path(model), Path(data), Path(out), calib, []), stages)
+    Path(out).unlink(missing_ok=True)
+    return dict(quantize_cold=runs[0], quantize=runs[1], cli_in_process=seconds, stages=dict(stages.seconds),
+                bit_exact="bit for bit" in " ".join(text.split()), tree=str(Path(qfx_onnx.__file__).parents[1]))
+
+
+def _child_memory(model: str, data: str, out: str, calib: int, samples: int) -> dict:
+    """The CLI command in-process after all its imports; peak extra memory, in total and per stage."""
+    import qfx_onnx.data  # noqa: F401 - everything the command imports, before the baseline reading
+    import qfx_onnx.quant.annotated_write  # noqa: F401
+    import qfx_onnx.quant.api  # noqa: F401
+    import qfx_onnx.quant.policy  # noqa: F401
+    import qfx_onnx.quant.report  # noqa: F401
+    import qfx_onnx.quant.verify  # noqa: F401
+    import qfx_onnx_cli.main  # noqa: F401
+
+    stages = _Stages(memory=True)
+    seconds, text = _run_cli_in_process(_cli_args(Path(model), Path(data), Path(out), calib, ["--verify-samples", str(samples)]), stages)
+    Path(out).unlink(missing_ok=True)
+    return dict(seconds=seconds, base=stages.base, peak=max(stages.peak.values()), stages=dict(stages.peak),
+                stage_seconds=dict(stages.seconds), bit_exact="bit for bit" in " ".join(text.split()))
+
+
+CHILDREN = {"time": _child_time, "memory": _child_memory}
+
+
+def run_child(kind: str, tree: Path | None, *args) -> dict:
+    """One measurement in a fresh interpreter (importing from ``tree`` when given)."""
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, *map(str, args)], capture_output=True, text=True,
+                          env=_env(tree))
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {kind} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _env(tree: Path | None) -> dict:
+    env = dict(os.environ)
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def _cli_command() -> list[str]:
+    script = Path(sys.executable).with_name("qfx-onnx")
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from qfx_onnx_cli.main import app; app()"]
+
+
+def run_cli(tree: Path | None, args: list[str], out: Path) -> float:
+    """Wall time of the real command as a subprocess; raises when it fails or verify is not bit-exact."""
+    out.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([*_cli_command(), *args], capture_output=True, text=True, env=_env(tree))
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0 or "bit for bit" not in " ".join(proc.stdout.split()):
+        raise RuntimeError(f"qfx-onnx {' '.join(args)} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    out.unlink(missing_ok=True)
+    return seconds
+
+
+_MAXRSS = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], capture_output=True).returncode; "
+           "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def cli_maxrss(tree: Path | None, args: list[str], out: Path) -> int:
+    """ru_maxrss of the real command, bytes, seen from a small parent (whose own RSS is ~10 MB)."""
+    out.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-c", _MAXRSS, *_cli_command(), *args], capture_output=True, text=True, env=_env(tree))
+    rc, maxrss = proc.stdout.split()
+    out.unlink(missing_ok=True)
+    if int(rc) != 0:
+        raise RuntimeError(f"qfx-onnx {' '.join(args)} failed ({rc})")
+    return 1024 * int(maxrss)
+
+
+# -------------------------------------------------------------------------------------------------
+# report
+
+
+def _median(values) -> float:
+    return statistics.median(values)
+
+
+def report_time(console: Console, trees: dict[str, list[tuple[dict, float]]]) -> None:
+    table = Table(title="ResNet-20: CLI against in-process quantize (medians over rounds; seconds)")
+    for col in ("tree", "in-process quantize", "(first call)", "CLI wall", "CLI / in-process", "target",
+                "CLI in-process", "start-up", *STAGES):
+        table.add_column(col, justify="right" if col != "tree" else "left")
+    for name, runs in trees.items():
+        ratio = _median(cli / child["quantize"] for child, cli in runs)
+        cells = [_median(child["quantize"] for child, _ in runs), _median(child["quantize_cold"] for child, _ in runs),
+                 _median(cli for _, cli in runs)]
+        stages = [_median(child["stages"].get(s, 0.0) for child, _ in runs) for s in STAGES]
+        startup = _median(cli - child["cli_in_process"] for child, cli in runs)
+        met = "[green]met[/]" if ratio <= TIME_TARGET_X else "[red]not met[/]"
+        table.add_row(name, *(f"{v:.2f}" for v in cells), f"{ratio:.2f}x", f"<= {TIME_TARGET_X:g}x {met}",
+                      f"{_median(child['cli_in_process'] for child, _ in runs):.2f}", f"{startup:.2f}", *(f"{v:.2f}" for v in stages))
+    console.print(table)
+
+
+def report_memory(console: Console, weight_bytes: int, results: dict[str, tuple[dict, int]]) -> None:
+    table = Table(title=f"ResNet-50-sized model: peak extra memory of the CLI quantize (weights {weight_bytes / MB:.0f} MB float32)")
+    for col in ("tree", "seconds", "peak extra MB", "x weights", "target", *(f"{s} MB" for s in STAGES), "ru_maxrss MB"):
+        table.add_column(col, justify="right" if col != "tree" else "left")
+    for name, (child, maxrss) in results.items():
+        x = child["peak"] / weight_bytes
+        met = "[green]met[/]" if x <= MEMORY_TARGET_X else "[red]not met[/]"
+        table.add_row(name, f"{child['seconds']:.1f}", f"{child['peak'] / MB:.0f}", f"{x:.2f}", f"<= {MEMORY_TARGET_X:g}x {met}",
+                      *(f"{child['stages'].get(s, 0) / MB:.0f}" for s in STAGES), f"{maxrss / MB:.0f}")
+    console.print(table)
+
+
+# -------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
+    parser.add_argument("--calib-samples", type=int, default=256)
+    parser.add_argument("--eval-samples", type=int, default=256, help="rows of the test split (evaluation, report, verify)")
+    parser.add_argument("--memory-samples", type=int, default=4, help="samples of the ResNet-50 run (calibration, evaluation, verify)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the ResNet-50 memory measurement")
+    parser.add_argument("--no-time", action="store_true", help="skip the ResNet-20 time measurement")
+    parser.add_argument("--baseline", type=Path, help="also measure the source tree in this folder (see the module docstring)")
+    parser.add_argument("--keep", type=Path, help="write models and data into this folder and keep them")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        print(json.dumps(CHILDREN[kind](*rest[:3], *map(int, rest[3:]))))
+        return
+
+    console = Console(width=200)
+    trees = {"this tree": None, **({f"baseline {args.baseline}": args.baseline.resolve()} if args.baseline else {})}
+    console.print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; CLI: {' '.join(_cli_command())}")
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="bench_quantize_cli_") as tmp:
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not args.no_time:
+            model, facts = write_resnet20(folder)
+            data = write_data(folder / "resnet20_random.npz", (3, 32, 32), 10, args.calib_samples, args.eval_samples)
+            console.print(f"{model.name}: {facts['nodes']} ONNX nodes, {facts['params'] / 1e6:.2f}M parameters; "
+                          f"{data.name}: {args.calib_samples} train + {args.eval_samples} test rows")
+            out = folder / "resnet20.qfx.onnx"
+            cli = _cli_args(model, data, out, args.calib_samples, [])
+            runs: dict[str, list[tuple[dict, float]]] = {name: [] for name in trees}
+            for r in range(args.rounds):
+                for name, tree in trees.items():
+                    child = run_child("time", tree, model, data, out, args.calib_samples)
+                    wall = run_cli(tree, cli, out)
+                    ok &= child["bit_exact"]
+                    runs[name].append((child, wall))
+                    console.print(f"round {r + 1} {name}: in-process {child['quantize']:.2f} s, CLI {wall:.2f} s "
+                                  f"({wall / child['quantize']:.2f}x), load {os.getloadavg()[0]:.1f}")
+            report_time(console, runs)
+        if not args.no_memory:
+            model, facts = write_model(folder)
+            data = write_data(folder / "resnet50_random.npz", (3, 224, 224), 1000, args.memory_samples, args.memory_samples)
+            console.print(f"{model.name}: {facts['nodes']} nodes, {facts['weight_bytes'] / MB:.0f} MB of float32 weights; "
+                          f"{args.memory_samples} calibration, evaluation and verify samples")
+            out = folder / "resnet50.qfx.onnx"
+            cli = _cli_args(model, data, out, args.memory_samples, ["--verify-samples", str(args.memory_samples)])
+            results = {}
+            for name, tree in trees.items():
+                child = run_child("memory", tree, model, data, out, args.memory_samples, args.memory_samples)
+                ok &= child["bit_exact"]
+                results[name] = (child, cli_maxrss(tree, cli, out))
+            report_memory(console, facts["weight_bytes"], results)
+    if not ok:
+        console.print("[red]verify did not report a bit-exact match[/]")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
