@@ -245,3 +245,33 @@ def test_cli_labels_the_one_test_evaluation(mlp_file, npz_files, tmp_path):
     result = CliRunner().invoke(app, ["finetune", str(mlp_file), "--data", str(npz_files / "val.npz"), "-o",
                                       str(tmp_path / "d.onnx"), "--val-fraction", "0.2"])
     assert result.exit_code == 1 and "has a val_idx split" in result.output
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_non_finite_training_samples_are_refused_naming_the_row(wrapped):
+    """NaN inside a Dataset given to the finetune API: refused before it is trained on, naming the
+    row, for tensor-backed datasets (checked once) and any other map-style dataset (per batch)."""
+    import numpy as np
+    from torch.utils.data import Dataset, TensorDataset
+
+    import qfx_onnx
+    from qfx_onnx.errors import DataError
+    from qfx_onnx.train import FinetuneConfig, finetune
+
+    with np.load(Path(__file__).resolve().parents[1] / "models" / "digits.npz") as z:
+        x, y = torch.from_numpy(z["x"][:60]), torch.from_numpy(z["y"][:60])
+    model = qfx_onnx.quantize(Path(__file__).resolve().parents[1] / "models" / "mlp.onnx", x)
+    bad = x.clone()
+    bad[37, 0, 3, 3] = float("nan")
+    tensors = TensorDataset(bad, y)
+    data = tensors
+    if wrapped:
+        class Plain(Dataset):
+            def __len__(self):
+                return len(tensors)
+
+            def __getitem__(self, i):
+                return tensors[i]
+        data = Plain()
+    with pytest.raises(DataError, match="training data: sample 37 holds NaN or infinite values"):
+        finetune(model, data, config=FinetuneConfig(epochs=1, val_fraction=0, batch_size=16))

@@ -63,6 +63,9 @@ class ShardedBatches:
         self.dataset, self.batch_size, self.seed = dataset, int(batch_size), int(seed)
         self.rank, self.world, self.shuffle, self.num_workers = rank, world, shuffle, num_workers
         self.tensors = _tensors_of(dataset)
+        if self.tensors is not None:  # checked once; other datasets batch by batch as they are read
+            for t in self.tensors:
+                check_finite_rows(t, torch.arange(len(t)), "training data")
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)
@@ -82,9 +85,23 @@ class ShardedBatches:
             return
         loader = DataLoader(self.dataset, batch_sampler=[p[0].tolist() for p in plan],
                             num_workers=self.num_workers, collate_fn=default_collate)
-        for (_, size, global_size), item in zip(plan, loader):
+        for (idx, size, global_size), item in zip(plan, loader):
             x, y = split_item(item)
+            check_finite_rows(x, idx, "training data")
+            if y is not None:
+                check_finite_rows(y, idx, "training targets")
             yield Batch(x, y, size, global_size)
+
+
+def check_finite_rows(t: torch.Tensor, rows: torch.Tensor, what: str) -> None:
+    """Raise DataError naming the dataset row of the first sample of ``t`` (rows ``rows``) that
+    holds NaN or an infinity; integer tensors always pass."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    bad = ~torch.isfinite(t.reshape(len(t), -1)).all(dim=1)
+    if bool(bad.any()):
+        first = int(rows[int(bad.nonzero()[0])])
+        raise DataError(f"{what}: sample {first} holds NaN or infinite values")
 
 
 def _tensors_of(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -123,9 +140,11 @@ def eval_batches(data: Dataset | DataLoader, batch_size: int, rank: int = 0, wor
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
         if tensors is not None:
-            yield tensors[0][idx], (tensors[1][idx] if tensors[1] is not None else None)
+            x, y = tensors[0][idx], (tensors[1][idx] if tensors[1] is not None else None)
         else:
-            yield split_item(default_collate([data[i] for i in idx.tolist()]))
+            x, y = split_item(default_collate([data[i] for i in idx.tolist()]))
+        check_finite_rows(x, idx, "evaluation data")
+        yield x, y
 
 
 # ------------------------------------------------------------------------------ validation
