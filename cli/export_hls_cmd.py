@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from qfx_onnx.errors import ExportError, OnnxModelError
 from qfx_onnx.hls.export import IoMode
 from qfx_onnx_cli.main import QfxCommand, app, run_command
 from qfx_onnx_cli.options import AnnotatedModel, Force, Io, Json, Quiet, TestData, find_default_data
-from qfx_onnx_cli.output import Output
+from qfx_onnx_cli.output import Output, estimate_table
 
 DEFAULT_PART = "xcvu9p-flga2104-2-e"
 
@@ -22,32 +23,6 @@ def default_top(model: Path) -> str:
     for suffix in (".onnx", ".qfx"):
         name = name.removesuffix(suffix)
     return name or "myproject"
-
-
-def report_table(report: dict) -> Table:
-    """The resource estimate as a rich table, one row per layer plus the totals."""
-    table = Table(title=f"resource estimate ({report['io']} io, reuse factor {report['reuse_factor']}, "
-                        f"{report['part']} @ {report['clock_ns']} ns)")
-    for col in MULTIPLY_COLUMNS:
-        table.add_column(col, justify="left" if col in ("layer", "kind", "operand bits") else "right")
-    for e in report["layers"]:
-        widths = ", ".join(e["multiplies"]) or "-"
-        products = sum(m["count"] for m in e["multiplies"].values())
-        table.add_row(e["layer"], e["kind"], widths, str(e["multipliers"]), str(products), str(e["dsp"]), str(e["lut"]),
-                      str(e["shift_add_terms"]), str(e["weight_bits"]), str(e["bram18"]), str(e["latency"]))
-    t = report["totals"]
-    table.add_row("total", "", "", str(t["multipliers"]), str(sum(sum(m["count"] for m in e["multiplies"].values())
-                                                                 for e in report["layers"])),
-                  str(t["dsp"]), str(t["lut"]), str(t["shift_add_terms"]), str(t["weight_bits"]),
-                  str(t["bram18"]), f"{t['latency_cycles']} ({t['latency_ns']} ns)", style="bold")
-    table.caption = ("multipliers: multiplier instances in hardware (products per pipelined iteration / reuse factor); "
-                     "products: multiplications per inference; latency in clock cycles")
-    return table
-
-
-# The same columns, with the same meaning, as the generated project's README (hls/codegen.py).
-MULTIPLY_COLUMNS = ("layer", "kind", "operand bits", "multipliers", "products", "DSP", "LUT", "shift-add", "weight bits",
-                    "BRAM18K", "latency")
 
 
 @app.command("export-hls", cls=QfxCommand)
@@ -107,7 +82,7 @@ def _export_hls(model, output, csim, io, reuse_factor, part, clock_ns, force, te
     if inputs is None:
         out.warn("no --data: the testbench uses random input codes, whose outputs mostly sit at the saturation "
                  "limits; pass --data with real samples for a testbench that exercises the model as deployed")
-    out.table(report_table(result.report))
+    out.table(estimate_table(result.report))
     payload = {"project": str(result.project), "top": result.model.top, "layers": len(result.model.layers),
                "estimate": result.report, "csim": None}
     written = f"wrote {result.project} (top function {result.model.top}, {len(result.model.layers)} layers)"
@@ -116,10 +91,14 @@ def _export_hls(model, output, csim, io, reuse_factor, part, clock_ns, force, te
         out.result(payload)
         return
     out.line(written)
-    from qfx_onnx.hls.csim import run_csim
+    from qfx_onnx.hls.csim import compile_csim, run_csim
 
-    with out.status("C simulation: compiling with g++"):
-        sim = run_csim(result.project, result.model.top, jobs=jobs)
+    started = time.perf_counter()
+    with out.status("C simulation: compiling with g++"):  # minutes for a large model: show the elapsed time
+        binary = compile_csim(result.project, result.model.top, jobs=jobs)
+    compile_s = time.perf_counter() - started
+    with out.status("C simulation: running the testbench"):
+        sim = replace(run_csim(result.project, result.model.top, jobs=jobs, binary=binary), compile_s=compile_s)
     payload["csim"] = {"vectors": sim.vectors, "values": sim.values, "mismatches": sim.mismatches,
                        "compile_s": sim.compile_s, "run_s": sim.run_s, "passed": sim.passed}
     out.line(f"csim: {sim.vectors} test vectors, {sim.values} output values, {sim.mismatches} mismatches "

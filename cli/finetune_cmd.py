@@ -52,7 +52,9 @@ def finetune(
     calibration: Calibration = DEFAULT_CALIBRATION,
     calib_samples: CalibSamples = 512,
     khot: int | None = typer.Option(None, "--khot", metavar="K", show_default="off",
-                                    help="K-hot weights: at most K ones per code (K shift-adds per product)."),
+                                    help="K-hot weights: at most K ones per code (K shift-adds per product). Their "
+                                         "casts round to the nearest K-hot code and saturate (AP_RND, AP_SAT), "
+                                         "whatever rounding and overflow modes the weights had."),
     csd: bool = typer.Option(False, "--csd", help="With --khot: count signed digits (canonical signed digit)."),
     khot_elementwise: bool = typer.Option(False, "--khot-elementwise", help="With --khot: BatchNorm scales and other constant multipliers too."),
     checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", metavar="FOLDER", show_default="<output>.ckpt beside the output",
@@ -72,7 +74,8 @@ def finetune(
     NCCL with --device cuda; --batch-size stays the global batch; only rank 0 writes files).
 
     --json: model, output, best_epoch, epochs_run, stopped_early, seconds, split, before, validation, test, history,
-    moved, binary_points (before and after), checkpoints, verify.
+    moved, binary_points (before and after), checkpoints, verify, prepared (what changed the model before training:
+    new widths, per-channel binary points, K-hot projection of the weights; "before" scores the changed model).
     """
     args = dict(locals())
     ui = Output(json_mode=args.pop("json_output"), quiet=args.pop("quiet"))
@@ -87,7 +90,7 @@ def _finetune(model, data, output, eval_data, task, target, epochs, batch_size, 
     from qfx_onnx.quant.annotated_write import build_annotated, save_annotated
     from qfx_onnx.train import FinetuneConfig, FinetuneInterrupted, finetune as run_finetune
     from qfx_onnx.train.batches import load_task_dataset, npz_keys
-    from qfx_onnx.train.prepare import set_widths, to_khot, to_per_channel
+    from qfx_onnx.train.prepare import khot_mode_changes, set_widths, to_khot, to_per_channel
 
     if not model.is_file():
         raise OnnxModelError(f"{model}: no such file")
@@ -149,14 +152,23 @@ def _finetune(model, data, output, eval_data, task, target, epochs, batch_size, 
                                            ("elementwise", elementwise_bits), ("constant", elementwise_bits),
                                            ("bias", bias_bits)) if bits is not None}
     calib = _calibration_batches(train_set, calib_samples)
+    prepared = []  # what changed the model since it was written: its "before" score is of the changed model
     if widths:
-        set_widths(fixed, widths, calib, method=calibration)
-    if per_channel:
-        to_per_channel(fixed, method=calibration)
+        if set_widths(fixed, widths, ui.track(calib, "calibrating binary points") if show else calib, method=calibration):
+            prepared.append("new widths")
+    if per_channel and to_per_channel(fixed, method=calibration):
+        prepared.append("per-channel binary points")
     if khot is not None:
-        to_khot(fixed, khot, signed_digits=csd, elementwise=khot_elementwise, method=calibration)
+        types = fixed.fixed_types()
+        if to_khot(fixed, khot, signed_digits=csd, elementwise=khot_elementwise, method=calibration):
+            prepared.append("K-hot projection of the weights")
+        changed = khot_mode_changes(types, fixed.fixed_types())
+        if changed and show:
+            ui.warn(f"--khot: {len(changed)} tensor(s) now round to the nearest K-hot code and saturate (AP_RND, AP_SAT) "
+                    f"instead of {' / '.join(sorted(set(changed.values())))}")
 
-    progress = _Progress(enabled=show and ui.progress, lines=show and not ui.quiet and not ui.people.is_terminal)
+    progress = _Progress(ui.people if show and ui.progress else None,
+                         lines=show and not ui.quiet and not ui.people.is_terminal)
     try:
         with progress:
             result = run_finetune(fixed, train_set, eval_set, config, val=val_set, callbacks=[progress])
@@ -172,7 +184,8 @@ def _finetune(model, data, output, eval_data, task, target, epochs, batch_size, 
     verified = None
     if verify:
         x = calib[0][:64]
-        check = verify_annotated(result.model, proto, x)
+        with ui.status("verifying in onnxruntime"):
+            check = verify_annotated(result.model, proto, x)
         verified = {"ok": check.ok, "summary": check.summary(), "samples": len(x)}
         if check.ok:
             ui.line(f"verify: onnxruntime matches the emulation bit for bit on {len(x)} samples")
@@ -182,8 +195,8 @@ def _finetune(model, data, output, eval_data, task, target, epochs, batch_size, 
                 raise QfxError(f"{output}: not written: onnxruntime and the emulation disagree where exactness was "
                                f"guaranteed ({', '.join(check.unexpected[:5])})")
     save_annotated(proto, result.model, output)
-    _summary(result, output, ui)
-    ui.result(_result_json(result, model, output, verified))
+    _summary(result, output, prepared, ui)
+    ui.result({**_result_json(result, model, output, verified), "prepared": prepared})
 
 
 def _check_output(model: Path, output: Path, force: bool) -> None:
@@ -252,7 +265,7 @@ def _calibration_batches(dataset, n: int):
     return list(torch.cat(xs)[:n].split(256))
 
 
-def _summary(result, output: Path, ui: Output) -> None:
+def _summary(result, output: Path, prepared: list[str], ui: Output) -> None:
     moved = result.moved_binary_points()
     if ui.quiet:
         ui.final(f"wrote {output}")
@@ -270,7 +283,10 @@ def _summary(result, output: Path, ui: Output) -> None:
         chosen, after = f"epoch {result.best_epoch} of {result.epochs_run} selected on validation ({where})", "after selection on validation"
     ui.final(f"wrote {output}: {chosen}{' (stopped early)' if result.stopped_early else ''}, {result.seconds:.0f} s")
     if result.validation is not None:
-        ui.line(f"validation: before {acc(result.initial)}, after {acc(result.validation)} (exact fixed-point pass)")
+        # "before" is the model trained from: after any width change, per-channel split or K-hot
+        # projection, so it can differ from the accuracy quantize printed for the file
+        before = f"before (after {' and '.join(prepared)})" if prepared else "before"
+        ui.line(f"validation: {before} {acc(result.initial)}, after {acc(result.validation)} (exact fixed-point pass)")
     if result.final is not None:
         measure = "test accuracy" if "accuracy" in result.final else "test"
         ui.line(f"{measure} (evaluated once, {after}): {acc(result.final)} on {result.final['count']} samples "
@@ -297,14 +313,17 @@ def _fracs(values: list[int]) -> str:
 
 
 class _Progress(Callback):
-    """A rich progress bar on a terminal, or one plain line per epoch in logs."""
+    """On a terminal (``console`` given): a bar of the batches of the current epoch, with the loss,
+    the last validation score, elapsed and remaining time. In logs (``lines``): one plain line per
+    epoch. Otherwise nothing."""
 
-    def __init__(self, enabled: bool, lines: bool) -> None:
-        self.enabled, self.lines = enabled, lines
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]:.4f}  val {task.fields[acc]}"),
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True) if enabled else None
+    def __init__(self, console, lines: bool) -> None:
+        self.lines = lines
+        self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("batches  loss {task.fields[loss]:.4f}  val {task.fields[acc]}", markup=False),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True) if console else None
         self.task = None
+        self.epoch = 0
         self.acc = "-"
 
     def __enter__(self):
@@ -326,14 +345,20 @@ class _Progress(Callback):
         if self.lines and initial and "val_loss" in initial and info["start_epoch"] == 0 and info["start_step"] == 0:
             err_console.print(f"epoch 0: val {self.acc}", highlight=False)
         if self.bar is not None:
-            total = self.epochs * self.steps
-            done = info["start_epoch"] * self.steps + info["start_step"]
-            self.task = self.bar.add_task(f"epoch {info['start_epoch'] + 1}/{self.epochs}", total=total,
-                                          completed=done, loss=float("nan"), acc=self.acc)
+            self.epoch = info["start_epoch"] + 1
+            self.task = self.bar.add_task(self._title(), total=self.steps, completed=info["start_step"],
+                                          loss=float("nan"), acc=self.acc)
+
+    def _title(self) -> str:
+        return f"epoch {self.epoch}/{self.epochs}"
 
     def on_step(self, epoch, step, loss) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, loss=loss, description=f"epoch {epoch}/{self.epochs}")
+        if self.bar is None:
+            return
+        if epoch != self.epoch:  # a new epoch: the bar counts its batches from zero
+            self.epoch = epoch
+            self.bar.reset(self.task, total=self.steps, completed=step - 1, description=self._title())
+        self.bar.update(self.task, advance=1, loss=loss)
 
     def on_epoch_end(self, record) -> None:
         if "val_accuracy" in record:

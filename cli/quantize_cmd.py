@@ -66,6 +66,9 @@ def quantize(
     verify: Verify = True,
     verify_samples: int = typer.Option(64, "--verify-samples", help="Samples used by --verify."),
     show_all: bool = typer.Option(False, "--all", help=f"Show every tensor in the table, not only the {TABLE_ROWS} noisiest."),
+    plot: Path | None = typer.Option(None, "--plot", metavar="FILE", show_default="none",
+                                     help="Write the numerical profile (as qfx-onnx profile) of the quantized model on "
+                                          "the evaluation data: PNG, or PDF/SVG by suffix."),
     force: Force = False,
     quiet: Quiet = False,
     json_output: Json = False,
@@ -73,7 +76,7 @@ def quantize(
     """Quantize every tensor of a float ONNX model to ap_fixed and write an annotated ONNX.
 
     --json: model, output, data, eval_data, calibration, score, float_accuracy, fixed_accuracy,
-    tensors (every one, in graph order), layers, verify, report: as --report writes, plus the run.
+    tensors (every one, in graph order), layers, verify, report, plot: as --report writes, plus the run.
     """
     args = dict(locals())
     ui = Output(json_mode=args.pop("json_output"), quiet=args.pop("quiet"))
@@ -82,7 +85,7 @@ def quantize(
 
 def _quantize(model, data, output, calib_samples, calibration, method, weight_bits, bias_bits, act_bits, elementwise_bits,
               input_bits, rounding, overflow, sat_bits, config, fold_bn, per_channel, eval_data, report, verify,
-              verify_samples, show_all, force, ui: Output) -> None:
+              verify_samples, show_all, plot, force, ui: Output) -> None:
     from qfx_onnx.data import load_arrays, score
     from qfx_onnx.fixed.types import OverflowMode, QuantMode
     from qfx_onnx.quant.annotated import verify_annotated, write_annotated
@@ -100,6 +103,10 @@ def _quantize(model, data, output, calib_samples, calibration, method, weight_bi
         if report.resolve() in (model.resolve(), out.resolve()):
             raise QfxError(f"{report}: --report would overwrite the {'input model' if report.resolve() == model.resolve() else 'output'}")
         check_new_file(report, force)
+    if plot is not None:
+        if plot.resolve() in (model.resolve(), out.resolve()):
+            raise QfxError(f"{plot}: --plot would overwrite the {'input model' if plot.resolve() == model.resolve() else 'output'}")
+        check_new_file(plot, force)
     if data is None:
         data = find_default_data(model)
         if data is None:
@@ -144,7 +151,7 @@ def _quantize(model, data, output, calib_samples, calibration, method, weight_bi
         ui.warn(f"{layer.tensor}: lossless accumulator {layer.type} ({layer.terms} terms) "
                 "exceeds float32's 24 bits; onnxruntime is exact only while partial sums stay small")
     run = {"model": str(model), "output": str(out), "data": data, "eval_data": str(eval_spec), "calibration": method,
-           "score": None, "report": None if report is None else str(report)}
+           "score": None, "report": None if report is None else str(report), "plot": None if plot is None else str(plot)}
     if y_eval is None:
         ui.line(f"accuracy: none, {eval_spec} has no labels (y)")
     else:
@@ -161,6 +168,14 @@ def _quantize(model, data, output, calib_samples, calibration, method, weight_bi
             ui.line(f"verify: onnxruntime matches the emulation bit for bit on {samples} samples ({check.summary()})")
         else:
             ui.final(Text(f"verify on {samples} samples: {check.summary()}", style="red" if check.unexpected else "yellow"))
+    if plot is not None:
+        from qfx_onnx.profile import plot_profiles, profile_model
+
+        with ui.status("drawing the numerical profile"):
+            samples = x_eval[:256]
+            plot_profiles([(out.name, profile_model(fixed, samples.split(256)))], plot,
+                          title=f"numerical profile on {len(samples)} samples of {Path(str(eval_spec)).name}")
+        ui.line(f"profile plot: {plot}")
     report_json = result.to_json()
     if report is not None:
         _write_text(report, report_json)

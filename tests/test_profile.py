@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -62,3 +63,53 @@ def test_cli_writes_a_png_comparing_two_models(annotated, tmp_path):
     assert again.exit_code == 1 and "--force" in again.output
     bad = CliRunner().invoke(app, ["profile", str(path), "--data", str(MODELS / "digits.npz"), "-o", str(path), "--force"])
     assert bad.exit_code == 1 and "refusing to overwrite an input model" in bad.output
+
+
+def test_cli_shared_options_json_quiet_force_and_data_forms(annotated, tmp_path):
+    """--data is a string (an .npy here), --force replaces the plot, --json is one object on
+    stdout, --quiet keeps the final line only: as in every other command."""
+    model, path, x = annotated
+    npy = tmp_path / "x.npy"
+    np.save(npy, x.numpy())
+    out = tmp_path / "p.png"
+    out.write_bytes(b"old")
+    result = CliRunner().invoke(app, ["profile", str(path), "--data", str(npy), "-o", str(out), "--samples", "32",
+                                      "--force", "--json"])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    report = json.loads(result.stdout)
+    assert report["output"] == str(out) and report["samples"] == 32 and report["data"] == str(npy)
+    [entry] = report["models"]
+    assert entry["name"] == path.name and [t["tensor"] for t in entry["tensors"]] == list(model.fixed_types())
+    assert all(t["max_log2"] is not None and t["count"] > 0 for t in entry["tensors"])
+    quiet = CliRunner().invoke(app, ["profile", str(path), "--data", str(npy), "-o", str(out), "--samples", "32",
+                                     "--force", "-q"])
+    assert quiet.exit_code == 0, quiet.output
+    lines = [line for line in quiet.output.splitlines() if not line.startswith("note:")]
+    assert lines == [f"wrote {out} ({len(entry['tensors'])} tensors, 1 model(s), 32 samples)"]
+    folder = CliRunner().invoke(app, ["profile", str(path), "--data", str(npy), "-o", str(tmp_path)])
+    assert folder.exit_code == 1 and "is a folder" in folder.output
+
+
+def test_profile_help_shows_the_shared_options():
+    result = CliRunner().invoke(app, ["profile", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for flag in ("--data", "--force", "--json", "--quiet", "--samples", "--output"):
+        assert flag in result.output
+    assert "Usage: root profile [OPTIONS] MODEL..." in result.output or "profile [OPTIONS] MODEL..." in result.output
+
+
+def test_quantize_plot_writes_the_profile_of_the_quantized_model(tmp_path):
+    out, plot = tmp_path / "mlp.qfx.onnx", tmp_path / "mlp.png"
+    args = ["quantize", str(MODELS / "mlp.onnx"), "--data", str(MODELS / "digits.npz"), "-o", str(out),
+            "--calib-samples", "128", "--no-verify", "--plot", str(plot), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert plot.read_bytes()[:8] == PNG_MAGIC and plot.stat().st_size > 10_000
+    assert json.loads(result.stdout)["plot"] == str(plot)
+    args[args.index(str(out))] = str(tmp_path / "other.qfx.onnx")  # a new output, the same plot: --force is needed
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 1 and f"{plot} already exists: pass --force" in again.output
+    onto_input = CliRunner().invoke(app, ["quantize", str(MODELS / "mlp.onnx"), "-o", str(tmp_path / "b.qfx.onnx"),
+                                          "--plot", str(MODELS / "mlp.onnx")])
+    assert onto_input.exit_code == 1 and "would overwrite the input model" in onto_input.output

@@ -187,6 +187,11 @@ def to_khot(model: FixedPointModel, k: int, signed_digits: bool = False, element
 
     Afterwards every such parameter's quantized codes have at most ``k`` ones (``signed_digits``:
     nonzero signed digits, CSD). Returns the tensors changed.
+
+    The new quantizers round to the nearest K-hot code and saturate: their types carry
+    ``AP_RND, AP_SAT`` whatever quantization and overflow modes the old ones had (a K-hot cast is
+    a projection onto a table of codes; truncating or wrapping modes have no K-hot meaning).
+    :func:`khot_mode_changes` lists the tensors whose modes this changes, for telling the user.
     """
     if k < 1:
         raise QfxError(f"--khot {k}: K must be at least 1")
@@ -211,6 +216,16 @@ def to_khot(model: FixedPointModel, k: int, signed_digits: bool = False, element
     if not changed and not any(isinstance(quantizer_of(model, c), KHotQuantizer) for c in casts(model)):
         raise QfxError("--khot: the model has no weights to constrain")
     return changed
+
+
+def khot_mode_changes(before: dict, after: dict) -> dict[str, str]:
+    """Tensor -> its old modes (``"AP_TRN, AP_WRAP"``), for every tensor whose quantization or
+    overflow mode differs between two ``fixed_types()`` maps (before and after :func:`to_khot`)."""
+    def modes(t) -> str:
+        t = t[0] if isinstance(t, list) else t
+        return f"{t.q.value}, {t.o.value}" + (f", {t.n}" if t.n else "")
+
+    return {name: modes(t) for name, t in before.items() if name in after and modes(t) != modes(after[name])}
 
 
 # ------------------------------------------------------------------------------- after/before
