@@ -10,6 +10,7 @@ import torch
 import typer
 from rich.text import Text
 
+from qfx_onnx.atomic import write_atomic
 from qfx_onnx.errors import DataError, OnnxModelError, QfxError
 from qfx_onnx_cli.main import QfxCommand, app, run_command
 from qfx_onnx_cli.options import (
@@ -88,7 +89,8 @@ def _quantize(model, data, output, calib_samples, calibration, method, weight_bi
               verify_samples, show_all, plot, force, ui: Output) -> None:
     from qfx_onnx.data import load_arrays, score
     from qfx_onnx.fixed.types import OverflowMode, QuantMode
-    from qfx_onnx.quant.annotated import verify_annotated, write_annotated
+    from qfx_onnx.quant.annotated import verify_annotated
+    from qfx_onnx.quant.annotated_write import build_annotated, save_annotated
     from qfx_onnx.quant.annotated_write import lossless_values
     from qfx_onnx.quant.api import evaluation_split, quantize as quantize_model
     from qfx_onnx.quant.policy import load_policy, parse_mode
@@ -140,8 +142,9 @@ def _quantize(model, data, output, calib_samples, calibration, method, weight_bi
         values = lossless_values(fixed.graph_module, [x_eval[:1]])  # types once, for the report, write and verify
         result.layers = layer_exactness(fixed, x_eval[:1], values=values)
 
-    write_annotated(fixed, out, source=model.name, values=values)
-    ui.final(f"wrote {out}")
+    # what will be written, built once: verify runs these exact bytes, and only a model that
+    # passes is written (verify reads no file that another run may have replaced meanwhile)
+    proto = build_annotated(fixed, source=model.name, values=values)
     shown = result.tensors if show_all else _noisiest_in_graph_order(result.tensors, TABLE_ROWS)
     ui.table(tensor_table(QuantReport(tensors=shown)))
     if len(shown) < len(result.tensors):
@@ -161,7 +164,7 @@ def _quantize(model, data, output, calib_samples, calibration, method, weight_bi
 
     if verify:
         with ui.status("verifying in onnxruntime"):
-            check = verify_annotated(fixed, out, x_eval[:verify_samples], values=values)
+            check = verify_annotated(fixed, proto, x_eval[:verify_samples], values=values)
         result.verify = {"ok": check.ok, "summary": check.summary(), "layers": [asdict(layer) for layer in check.layers]}
         samples = min(verify_samples, len(x_eval))
         if check.ok:
@@ -177,12 +180,15 @@ def _quantize(model, data, output, calib_samples, calibration, method, weight_bi
                           title=f"numerical profile on {len(samples)} samples of {Path(str(eval_spec)).name}")
         ui.line(f"profile plot: {plot}")
     report_json = result.to_json()
-    if report is not None:
-        _write_text(report, report_json)
+    if report is not None:  # written either way: it holds the verify details
+        write_atomic(report, report_json, what="report")
         ui.line(f"report: {report}")
-    ui.result({**run, **json.loads(report_json)})
     if verify and check.unexpected:
-        raise QfxError("onnxruntime and the emulation disagree where exactness was guaranteed (see above)")
+        raise QfxError(f"{out}: not written: onnxruntime and the emulation disagree where exactness was guaranteed "
+                       f"({', '.join(check.unexpected[:5])}{' ...' if len(check.unexpected) > 5 else ''})")
+    save_annotated(proto, fixed, out)
+    ui.final(f"wrote {out}")
+    ui.result({**run, **json.loads(report_json)})
 
 
 def _noisiest_in_graph_order(tensors: list, n: int) -> list:
@@ -193,10 +199,3 @@ def _noisiest_in_graph_order(tensors: list, n: int) -> list:
 
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-

@@ -91,3 +91,29 @@ def test_no_data_anywhere_is_an_error(tmp_path):
     shutil.copy(MODELS / "mlp.onnx", tmp_path / "mlp.onnx")
     result = invoke("quantize", tmp_path / "mlp.onnx")
     assert result.exit_code != 0 and "--data" in result.output
+
+
+def test_verify_checks_the_bytes_this_run_writes_not_the_file_at_the_path(workdir, monkeypatch):
+    """Two runs with the same -o (a sweep with a typo): each verifies its own model in memory,
+    before writing, so another run's file at -o is never read or blamed."""
+    import onnx as onnx_module
+
+    import qfx_onnx.quant.verify as verify_module
+
+    out = workdir / "m.qfx.onnx"
+    assert invoke("quantize", workdir / "cnn.onnx", "--data", workdir / "digits.npz", "-o", out).exit_code == 0
+    other_run = out.read_bytes()  # what "the other run" left at -o: a different model
+    real = verify_module.verify_annotated
+    seen = []
+
+    def only_protos(model, onnx_model, x, **kwargs):
+        seen.append(type(onnx_model))
+        assert isinstance(onnx_model, onnx_module.ModelProto), "verify must check the bytes about to be written"
+        assert out.read_bytes() == other_run  # nothing written yet
+        return real(model, onnx_model, x, **kwargs)
+
+    monkeypatch.setattr(verify_module, "verify_annotated", only_protos)
+    result = invoke("quantize", workdir / "mlp.onnx", "--data", workdir / "digits.npz", "-o", out, "--force")
+    assert result.exit_code == 0, result.output
+    assert seen == [onnx_module.ModelProto]
+    assert out.read_bytes() != other_run and read_annotated(out).fixed_types()

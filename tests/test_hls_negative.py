@@ -144,8 +144,6 @@ def test_export_hls_csim_exits_zero_when_every_code_matches(compiled, mlp_file, 
     assert "csim: bit-exact" in result.output
 
 
-@pytest.mark.xfail(strict=True, reason="quantize's error line does not name the tensor and the unverified file "
-                   "is left behind; cli/quantize_cmd.py is being changed to verify before writing")
 def test_quantize_verify_exits_non_zero_naming_the_tensor(tmp_path, monkeypatch):
     """One weight of the annotated ONNX about to be written and verified is changed: onnxruntime
     disagrees with the emulation where exactness is guaranteed, and quantize fails with one line
