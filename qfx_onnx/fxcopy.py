@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 from typing import Any, TypeVar
 
+import torch
 from torch import fx, nn
 
 M = TypeVar("M", bound=nn.Module)
@@ -56,4 +57,26 @@ def _seed_graph_copy(graph: fx.Graph, memo: dict[int, Any]) -> None:
         copied.meta = copy.deepcopy(old.meta, memo)
 
 
-__all__ = ["copy_module"]
+def load_state(module: nn.Module, state: dict[str, Any]) -> None:
+    """``module.load_state_dict(state)`` (strict) in time linear in the number of tensors.
+
+    torch's version scans every key of ``state`` once per submodule, which is quadratic in the
+    casts of a deep fixed-point graph (3.9 s per call at 3,500 casts). Here the keys and shapes
+    must match exactly (RuntimeError naming the first difference, as strict loading does); values
+    are copied in place (converted to each tensor's dtype and device), which also bumps each
+    tensor's version, so caches keyed on it (a quantizer's binary-point plan) see the change.
+    """
+    own = module.state_dict(keep_vars=True)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise RuntimeError(f"state does not fit the module: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    for key, tensor in own.items():
+        value = state[key]
+        if tuple(tensor.shape) != tuple(value.shape):
+            raise RuntimeError(f"state does not fit the module: {key} has shape {tuple(value.shape)}, expected {tuple(tensor.shape)}")
+    with torch.no_grad():
+        for key, tensor in own.items():
+            tensor.copy_(state[key])
+
+
+__all__ = ["copy_module", "load_state"]

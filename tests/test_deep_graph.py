@@ -191,3 +191,23 @@ def test_deep_graph_through_the_whole_pipeline(blocks, tmp_path):
     project = export_hls(final, tmp_path / "hls", top="deep", n_vectors=2)
     assert len(project.model.layers) >= 2 * blocks
     assert (project.project / "firmware" / "deep.cpp").is_file()
+
+
+def test_load_state_equals_strict_load_state_dict_and_refuses_what_does_not_fit():
+    from torch import nn
+
+    from qfx_onnx.fxcopy import load_state
+
+    src, dst, ref = (nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).double() for _ in range(3))
+    for p in src.parameters():
+        nn.init.normal_(p)
+    src[1].running_mean.fill_(0.25)
+    state = {k: v.float() for k, v in src.state_dict().items()}  # another dtype, as finetune's float32 net
+    load_state(dst, state)
+    ref.load_state_dict(state)
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(dst.state_dict().values(), ref.state_dict().values()))
+    assert dst[0].weight.dtype == torch.float64
+    with pytest.raises(RuntimeError, match="missing keys"):
+        load_state(dst, {k: v for k, v in state.items() if k != "0.bias"})
+    with pytest.raises(RuntimeError, match="0.weight has shape"):
+        load_state(dst, {**state, "0.weight": torch.zeros(2, 4)})

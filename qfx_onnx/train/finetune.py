@@ -64,7 +64,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from qfx_onnx.errors import QfxError
 from qfx_onnx.fixed.quantizer import BinaryPointQuantizer
-from qfx_onnx.fxcopy import copy_module
+from qfx_onnx.fxcopy import copy_module, load_state
 from qfx_onnx.quant.quantize import FixedPointModel, align_bias_fracs
 from qfx_onnx.train import checkpoint as ckpt
 from qfx_onnx.train import distributed as dist_util
@@ -388,7 +388,7 @@ class _Run:
         state = ckpt.load(self.checkpoint)
         ckpt.check_fingerprint(state, self.fingerprint, self.checkpoint)
         try:
-            self.net.load_state_dict(state["model"])
+            load_state(self.net, state["model"])
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
         except (RuntimeError, ValueError, KeyError) as exc:
@@ -408,7 +408,7 @@ class _Run:
         data is never looked at here."""
         if self.val_data is None:
             return None
-        self.model.load_state_dict(self.net.state_dict())
+        load_state(self.model, self.net.state_dict())
         return evaluate(_aligned(self.model), self.val_data, self.cfg.task, batch_size=self.cfg.eval_batch_size,
                         device=self.device, ctx=self.ctx)
 
@@ -516,7 +516,7 @@ class _Run:
 
     def _finish(self, before: dict[str, list[int]], initial: dict | None, seconds: float) -> FinetuneResult:
         best = self.best
-        self.model.load_state_dict(best["state"] if best else self.net.state_dict())
+        load_state(self.model, best["state"] if best else self.net.state_dict())
         align_bias_fracs(self.model)
         self.model.to(self.device, torch.float64)
         bake_parameters(self.model)
