@@ -52,15 +52,11 @@ class Variant:
 
 
 def _variants() -> list[Variant]:
-    """Every small architecture with both exporters, at fixed batch 1 and dynamic batch (the large
-    ResNet-20 with each exporter once, one at a fixed and one at a dynamic batch); a few extras at
+    """Every architecture with both exporters, at fixed batch 1 and dynamic batch; a few extras at
     batch 2, at the older opsets 11 and 13, and without constant folding (both exporters fold
     eval-mode BatchNorm into the conv before it, and both drop eval-mode Dropout)."""
     out: list[Variant] = []
     for arch in ZOO:
-        if not ZOO[arch].small:  # ResNet-20 (41 M MACs): each exporter once, one batch kind each
-            out += [Variant(arch, "ts", None, DEFAULT_TS_OPSET), Variant(arch, "dynamo", 1)]
-            continue
         out += [
             Variant(arch, "ts", 1, DEFAULT_TS_OPSET),
             Variant(arch, "ts", None, DEFAULT_TS_OPSET),
