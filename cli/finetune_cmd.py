@@ -148,6 +148,9 @@ def _finetune(model, data, output, eval_data, task, target, epochs, batch_size, 
 
     fixed = read_annotated(model)
     _check_input_shape(fixed, train_set)
+    if task == "classification":  # before any training or checkpoint: labels must name class outputs
+        for spec, dataset in ((data, train_set), (data, val_set), (eval_data or data, eval_set)):
+            _check_labels(fixed, dataset, str(spec))
     widths = {role: bits for role, bits in (("weight", weight_bits), ("act", act_bits), ("input", input_bits or act_bits),
                                            ("elementwise", elementwise_bits), ("constant", elementwise_bits),
                                            ("bias", bias_bits)) if bits is not None}
@@ -207,6 +210,23 @@ def _check_output(model: Path, output: Path, force: bool) -> None:
     check_new_file(output, force)
 
 
+def _check_labels(fixed, dataset, spec: str) -> None:
+    """DataError naming ``spec`` unless every class label of ``dataset`` is a class output of the
+    model (its first output's width on one sample); label tensors only, others are left to training."""
+    from qfx_onnx.data import score
+    from qfx_onnx.train.batches import class_labels
+
+    if dataset is None:
+        return
+    labels = class_labels(dataset)
+    if labels is None or not len(labels):
+        return
+    x, _ = dataset[0]
+    out = fixed.predict(x.unsqueeze(0))
+    out = out[0] if isinstance(out, tuple) else out
+    score(out.expand(len(labels), *out.shape[1:]), labels, spec)  # raises for a label outside the outputs
+
+
 def _no_targets(spec: str, task: str) -> DataError:
     if task == "regression":
         return DataError(f"{spec}: no targets (y) to train on; add y to the data, or pass --target input "
@@ -226,16 +246,9 @@ def _require_targets(spec: str | None, task: str) -> None:
 
 
 def _npz_keys(spec: str) -> set[str]:
-    """The keys of a readable .npz file; empty for anything else (the loaders report why)."""
-    import numpy as np
+    from qfx_onnx.train.batches import npz_keys
 
-    if Path(spec).suffix.lower() != ".npz" or not Path(spec).is_file():
-        return set()
-    try:
-        with np.load(spec, allow_pickle=False) as archive:
-            return set(archive.files)
-    except (OSError, ValueError, EOFError):
-        return set()
+    return npz_keys(spec)
 
 
 def _check_input_shape(fixed, dataset) -> None:

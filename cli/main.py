@@ -9,6 +9,8 @@ goes through :class:`qfx_onnx_cli.output.Output` (``--json``, ``--quiet``, wide 
 
 from __future__ import annotations
 
+import os
+
 import inspect
 import logging
 import sys
@@ -79,6 +81,14 @@ def run_command(body: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         raise typer.Exit(130) from None
+    except Exception as exc:  # a bug, not the user's input: still one line, and how to see more
+        if os.environ.get("QFX_DEBUG"):
+            raise
+        text = " ".join(str(exc).split())[:300]
+        err_console.print(Text.assemble(("internal error:", "bold red"),
+                                        f" {type(exc).__name__}: {text} (a bug in qfx-onnx: please report it; "
+                                        "QFX_DEBUG=1 shows the traceback)"))
+        raise typer.Exit(3) from None
 
 
 def _version(value: bool) -> None:

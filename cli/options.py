@@ -134,5 +134,8 @@ def check_new_file(path: Path, force: bool) -> None:
     The wording is export-hls's for its project folder, so every command reads the same."""
     if path.is_dir():
         raise QfxError(f"{path} is a folder: choose a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():  # checked before any work, not after it
+        raise QfxError(f"{parent}: output folder does not exist")
     if path.exists() and not force:
         raise QfxError(f"{path} already exists: pass --force to replace it")

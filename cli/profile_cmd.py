@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -33,7 +34,7 @@ def profile(
     json_output: Json = False,
 ) -> None:
     """Plot log2|x| of every tensor in graph order against its ap_fixed range (LSB to max), as
-    hls4ml's numerical profiling does; matplotlib comes with pip install "qfx-onnx[plot]".
+    hls4ml's numerical profiling does; matplotlib comes with pip install "qfx-onnx\\[plot]".
 
     --json: output, data, samples, models (name, tensors: tensor, role, type, lsb_log2, max_log2,
     max_seen_log2, zeros, count, beyond_range), beyond_range (model and tensor of each tensor
@@ -77,8 +78,10 @@ def _profile(models: list[Path], data: str, output: Path, samples: int, force: b
 
 
 def _beyond(p) -> bool:
-    """Whether some value of the profile lies beyond its type's largest magnitude."""
-    return bool(p.log2_abs.size) and float(p.log2_abs.max()) > p.max_log2
+    """Whether some value of the profile lies beyond its type's largest magnitude by half an LSB
+    or more, so that even rounding to nearest cannot bring it back into range (a value just above
+    the maximum that rounds down to it is not an overflow)."""
+    return bool(p.log2_abs.size) and float(p.log2_abs.max()) >= math.log2(2.0 ** p.max_log2 + 2.0 ** p.lsb_log2 / 2)
 
 
 def _tensor_json(p) -> dict:

@@ -145,7 +145,11 @@ def score(out: torch.Tensor, y: torch.Tensor, source: str = "data") -> Score:
     squared error, so a regression output is never scored as a classification. Raises DataError
     naming ``source`` and both shapes when ``y`` fits neither, or when a label has no class output.
     """
-    if not y.dtype.is_floating_point and y.dim() == 1 and out.dim() == 2 and out.shape[1] >= 2 and len(y) == len(out):
+    if (y.dim() == 1 and out.dim() == 2 and out.shape[1] >= 2 and len(y) == len(out)
+            and (not y.dtype.is_floating_point or bool((y == y.round()).all()))):  # one whole number per sample: labels
+        y = y.to(torch.int64)
+        if len(y) and int(y.min()) < 0:
+            raise DataError(f"{source}: label {int(y.min())} is negative; class labels are indices 0..{out.shape[1] - 1}")
         if len(y) and int(y.max()) >= out.shape[1]:
             raise DataError(f"{source}: label {int(y.max())} is out of range for a model with {out.shape[1]} class outputs")
         correct = int((out.argmax(dim=1) == y).sum())

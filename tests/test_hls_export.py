@@ -152,12 +152,20 @@ def test_output_folder_needs_force_and_is_replaced_whole(tmp_path):
     fpm = ptq("mlp")
     out = tmp_path / "prj"
     out.mkdir()
+    export_hls(fpm, out, data=(digits("test"),), n_vectors=2)  # an empty folder is no one's work
     (out / "stale.txt").write_text("old")
     with pytest.raises(ExportError, match="--force"):
         export_hls(fpm, out, data=(digits("test"),), n_vectors=2)
     assert (out / "stale.txt").is_file()
     export_hls(fpm, out, data=(digits("test"),), n_vectors=2, force=True)
     assert not (out / "stale.txt").exists() and (out / "build.tcl").is_file()
+    # --force replaces a generated project only, never a user's folder that happens to be named
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(ExportError, match="not an HLS project written by qfx-onnx"):
+        export_hls(fpm, mine, data=(digits("test"),), n_vectors=2, force=True)
+    assert (mine / "notes.txt").read_text() == "precious"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folder left behind"
     model = tmp_path / "in" / "m.qfx.onnx"
     model.parent.mkdir()

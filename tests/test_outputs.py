@@ -86,3 +86,69 @@ def test_a_failed_write_removes_its_temp_file(tmp_path):
     with pytest.raises(OutputError, match="No space left"):
         write_atomic(tmp_path / "x.bin", boom)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------ through the CLI
+from typer.testing import CliRunner  # noqa: E402
+
+from qfx_onnx_cli.main import app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def annotated_mlp(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    with np.load(MODELS / "digits.npz") as z:
+        model = qfx_onnx.quantize(MODELS / "mlp.onnx", z["x"][:64])
+    qfx_onnx.write_annotated(model, folder / "mlp.qfx.onnx")
+    return folder / "mlp.qfx.onnx"
+
+
+@pytest.mark.parametrize("command", ["inspect", "quantize", "finetune", "profile", "export-hls"])
+def test_a_corrupt_npz_is_one_line_for_every_command(command, annotated_mlp, tmp_path):
+    bad = tmp_path / "corrupt.npz"
+    bad.write_bytes(b"PK\x03\x04garbage")
+    model = MODELS / "mlp.onnx" if command in ("inspect", "quantize") else annotated_mlp
+    args = [command, str(model), "--data", str(bad)]
+    args += {"quantize": ["-o", str(tmp_path / "o.qfx.onnx")], "finetune": ["-o", str(tmp_path / "f.qfx.onnx")],
+             "profile": ["-o", str(tmp_path / "p.png")], "export-hls": ["-o", str(tmp_path / "prj")]}.get(command, [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "Traceback" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "corrupt.npz" in errors[0], result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.npz"]
+
+
+def test_finetune_checks_labels_before_training_and_leaves_nothing(annotated_mlp, tmp_path):
+    with np.load(MODELS / "digits.npz") as z:
+        y = z["y"].copy()
+        y[z["train_idx"][3]] = 12
+        np.savez(tmp_path / "bad.npz", x=z["x"], y=y, train_idx=z["train_idx"], test_idx=z["test_idx"])
+    out = tmp_path / "f.qfx.onnx"
+    result = CliRunner().invoke(app, ["finetune", str(annotated_mlp), "--data", str(tmp_path / "bad.npz"), "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "bad.npz: label 12 is out of range for a model with 10 class outputs" in result.output
+    assert "epoch" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz"]  # no model, no checkpoint
+
+
+def test_a_report_into_a_missing_folder_fails_before_any_work(tmp_path):
+    result = CliRunner().invoke(app, ["quantize", str(MODELS / "mlp.onnx"), "--data", str(MODELS / "digits.npz"),
+                                      "-o", str(tmp_path / "m.qfx.onnx"), "--report", str(tmp_path / "nodir" / "r.json")])
+    assert result.exit_code == 1 and "nodir: output folder does not exist" in result.output
+    assert "calibrat" not in result.output.replace("error", "") or "wrote" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_internal_error_is_one_line_with_exit_3(monkeypatch, tmp_path):
+    import qfx_onnx.quant.api as api
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(api, "quantize", broken)
+    result = CliRunner().invoke(app, ["quantize", str(MODELS / "mlp.onnx"), "--data", str(MODELS / "digits.npz"),
+                                      "-o", str(tmp_path / "m.qfx.onnx")])
+    assert result.exit_code == 3
+    lines = [line for line in result.output.splitlines() if "internal error" in line]
+    assert len(lines) == 1 and "RuntimeError: boom second line" in lines[0] and "QFX_DEBUG=1" in lines[0]
+    assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []

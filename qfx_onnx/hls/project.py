@@ -210,18 +210,26 @@ def write_project(files: dict[str, str], out_dir: str | Path, *, force: bool,
     return out
 
 
+PROJECT_MARKERS = frozenset({"build.tcl", "firmware", "report.json"})
+"""What every generated project holds: ``--force`` replaces only a folder that has all of them."""
+
+
 def check_output_dir(out: Path, *, force: bool, protect: tuple[Path, ...] = ()) -> None:
     """Raise ExportError when ``out`` may not be written (see :func:`write_project`)."""
     out = Path(out).resolve()
-    if out.exists():
-        if not out.is_dir():
-            raise ExportError(f"{out} exists and is not a folder")
-        if not force:
-            raise ExportError(f"{out} already exists: pass --force to replace it")
     for p in protect:
         p = Path(p).resolve()
         if p == out or out in p.parents:
             raise ExportError(f"refusing to write {out}: it holds the input {p.name}")
+    if out.exists():
+        if not out.is_dir():
+            raise ExportError(f"{out} exists and is not a folder")
+        contents = {p.name for p in out.iterdir()}
+        if contents and not force:
+            raise ExportError(f"{out} already exists: pass --force to replace it")
+        if contents and not PROJECT_MARKERS <= contents:  # --force replaces a generated project, nothing else
+            raise ExportError(f"{out} is not an HLS project written by qfx-onnx (no {', '.join(sorted(PROJECT_MARKERS))}); "
+                              "refusing to replace it, even with --force")
 
 
 def export_hls(fpm, out_dir: str | Path, *, top: str = "myproject", io: str = "parallel",

@@ -36,8 +36,11 @@ def _has_splits(spec: str | os.PathLike) -> bool:
     path = Path(spec)
     if path.suffix != ".npz" or not path.is_file():
         return False
-    with np.load(path, allow_pickle=False) as z:
-        return "train_idx" in z.files and "test_idx" in z.files
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return "train_idx" in z.files and "test_idx" in z.files
+    except Exception:  # not a readable .npz: the loader reports why, in one line
+        return False
 
 
 def quantize(model: str | os.PathLike | onnx.ModelProto | fx.GraphModule,

@@ -254,7 +254,7 @@ class FixedPointModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with torch.inference_mode():
+            with torch.no_grad():  # not inference_mode: cached quantizer plans must stay usable by autograd
                 n = len(inputs[0])
                 parts = [self(*(x[i:i + batch_size] for x in inputs)) for i in range(0, n, batch_size)]
         finally:

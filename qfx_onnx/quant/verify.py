@@ -143,13 +143,13 @@ def verify_annotated(model: FixedPointModel, onnx_model: str | os.PathLike | onn
         def compare(name: str, want: torch.Tensor, ran=ran, first=index == 0, rows=rows) -> None:
             got = ran.pop(onnx_names[name])  # dropped once compared
             if name not in constant:
-                tallies[name].add(want[:rows], got[:rows])
+                tallies[name].add(*_samples(want, got, rows))
             elif first:
                 tallies[name].add(want, got)
 
         outputs = _emulate(model, cast_nodes, chunk, compare)
         for k, _, name in uncast:
-            tallies[name].add(outputs[k][:rows], ran.pop(name)[:rows])
+            tallies[name].add(*_samples(outputs[k], ran.pop(name), rows))
 
     result = VerifyResult()
     quantizers = model.quantizers()
@@ -165,21 +165,26 @@ def verify_annotated(model: FixedPointModel, onnx_model: str | os.PathLike | onn
     return result
 
 
+def _samples(want: torch.Tensor, got: np.ndarray, rows: int | None) -> tuple[torch.Tensor, np.ndarray]:
+    return (want, got) if rows is None else (want[:rows], got[:rows])
+
+
 def _chunks(inputs: tuple[torch.Tensor, ...], fixed_batch: int | None, size: int):
-    """(chunk, rows): the inputs in chunks to run, and how many leading rows of each are samples.
+    """(chunk, rows): the inputs in chunks to run, and how many leading rows of each are samples
+    (None: all of them; only the padded last chunk of a graph fixed to one batch has fewer).
 
     A graph fixed to one batch runs in chunks of that batch, the last one padded (see
     :mod:`qfx_onnx.batching`); any other in chunks of at most ``size`` samples."""
     n = int(inputs[0].shape[0])
     if fixed_batch and n != fixed_batch:
         for k, chunk in enumerate(split_chunks(list(inputs), fixed_batch)):
-            yield chunk, min(fixed_batch, n - k * fixed_batch)
+            rows = n - k * fixed_batch
+            yield chunk, (rows if rows < fixed_batch else None)
         return
     if fixed_batch:
         size = n
     for start in range(0, max(n, 1), size):
-        chunk = [t[start:start + size] for t in inputs]
-        yield chunk, int(chunk[0].shape[0])
+        yield [t[start:start + size] for t in inputs], None
 
 
 def _emulate(model: FixedPointModel, cast_nodes: dict[str, fx.Node], inputs, compare) -> list[torch.Tensor]:
