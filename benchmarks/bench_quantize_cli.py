@@ -64,7 +64,8 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+# last, so that a --baseline tree on PYTHONPATH (or the installed package) provides qfx_onnx
+sys.path += [str(ROOT / "benchmarks"), str(ROOT)]
 
 from bench_import import _reset_peak, _status_kb, _trim_heap, write_model  # noqa: E402
 
@@ -216,7 +217,7 @@ def _child_time(model: str, data: str, out: str, calib: int) -> dict:
     Path(out).unlink(missing_ok=True)
     return dict(quantize_cold=runs[0][0], quantize=runs[1][0], quantize_cpu=runs[1][1], cli_in_process=seconds,
                 cli_in_process_cpu=cpu, stages=dict(stages.seconds), stages_cpu=dict(stages.cpu),
-                bit_exact="bit for bit" in " ".join(text.split()), tree=str(Path(qfx_onnx.__file__).parents[1]))
+                bit_exact="bit for bit" in " ".join(text.split()), tree=_tree())
 
 
 def _child_memory(model: str, data: str, out: str, calib: int, samples: int) -> dict:
@@ -232,19 +233,32 @@ def _child_memory(model: str, data: str, out: str, calib: int, samples: int) -> 
     stages = _Stages(memory=True)
     seconds, _, text = _run_cli_in_process(_cli_args(Path(model), Path(data), Path(out), calib, ["--verify-samples", str(samples)]), stages)
     Path(out).unlink(missing_ok=True)
-    return dict(seconds=seconds, base=stages.base, peak=max(stages.peak.values()), stages=dict(stages.peak),
+    return dict(seconds=seconds, base=stages.base, peak=max(stages.peak.values()), stages=dict(stages.peak), tree=_tree(),
                 stage_seconds=dict(stages.seconds), bit_exact="bit for bit" in " ".join(text.split()))
+
+
+def _tree() -> str:
+    """The folder this process imported qfx_onnx and the CLI from (one folder, or it says both)."""
+    import qfx_onnx
+    import qfx_onnx_cli
+
+    lib, cli = Path(qfx_onnx.__file__).parents[1], Path(qfx_onnx_cli.__file__).parents[1]
+    return str(lib) if lib == cli or cli == lib / "cli" else f"{lib} + {cli}"
 
 
 CHILDREN = {"time": _child_time, "memory": _child_memory}
 
 
-def run_child(kind: str, env: dict, *args) -> dict:
-    """One measurement in a fresh interpreter with environment ``env``."""
+def run_child(kind: str, env: dict, tree: Path | None, *args) -> dict:
+    """One measurement in a fresh interpreter with environment ``env``, checked to import from
+    ``tree`` (None: this checkout)."""
     proc = subprocess.run([sys.executable, __file__, "--child", kind, *map(str, args)], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"child {kind} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if Path(result["tree"]) != (tree or ROOT):
+        raise RuntimeError(f"child {kind} imported qfx-onnx from {result['tree']}, not {tree or ROOT}")
+    return result
 
 
 def make_env(tree: Path | None, threads: int | None = None, mmap_threshold: int | None = None) -> dict:
@@ -386,7 +400,7 @@ def main() -> None:
             for r in range(args.rounds):
                 for name, tree in trees.items():
                     env = make_env(tree, args.threads)
-                    child = run_child("time", env, model, data, out, args.calib_samples)
+                    child = run_child("time", env, tree, model, data, out, args.calib_samples)
                     wall, cpu = run_cli(env, cli, out)
                     ok &= child["bit_exact"]
                     runs[name].append((child, (wall, cpu)))
@@ -405,7 +419,7 @@ def main() -> None:
             for name, tree in trees.items():
                 for allocator, threshold in (("glibc default", None), (f"MALLOC_MMAP_THRESHOLD_={LIVE_MMAP_THRESHOLD}", LIVE_MMAP_THRESHOLD)):
                     env = make_env(tree, args.threads, threshold)
-                    child = run_child("memory", env, model, data, out, args.memory_samples, args.memory_samples)
+                    child = run_child("memory", env, tree, model, data, out, args.memory_samples, args.memory_samples)
                     ok &= child["bit_exact"]
                     results[f"{name}, {allocator}"] = (child, cli_maxrss(env, cli, out))
             report_memory(console, facts["weight_bytes"], results)

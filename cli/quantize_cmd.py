@@ -94,7 +94,7 @@ def _quantize(model, data, output, calib_samples, calibration, method, weight_bi
     from qfx_onnx.quant.annotated_write import lossless_values
     from qfx_onnx.quant.api import evaluation_split, quantize as quantize_model
     from qfx_onnx.quant.policy import load_policy, parse_mode
-    from qfx_onnx.quant.report import QuantReport, layer_exactness, measure_tensors, tensor_table
+    from qfx_onnx.quant.report import QuantReport, layer_exactness, measure_tensors, samples_per_pass, tensor_table
 
     if not model.is_file():
         raise OnnxModelError(f"{model}: no such file")
@@ -129,17 +129,18 @@ def _quantize(model, data, output, calib_samples, calibration, method, weight_bi
 
     result = QuantReport()
     with ui.status("evaluating"), torch.no_grad():
+        values = lossless_values(fixed.graph_module, [x_eval[:1]])  # types once, for the report, write and verify
+        batches = torch.split(x_eval, samples_per_pass(values))  # small passes: far faster than one big one
         if y_eval is not None:  # accuracy for class outputs, MSE for anything else (qfx_onnx.data.score)
             fixed.set_casts_enabled(False)
-            float_score = score(_first(fixed(x_eval)), y_eval, str(eval_spec))
+            float_score = score(torch.cat([_first(fixed(x)) for x in batches]), y_eval, str(eval_spec))
             fixed.set_casts_enabled(True)
         fixed_out = []  # the report's fixed-point pass gives the fixed-point score too
-        result.tensors = measure_tensors(fixed, torch.split(x_eval, 256), on_output=lambda out: fixed_out.append(_first(out)))
+        result.tensors = measure_tensors(fixed, batches, on_output=lambda out: fixed_out.append(_first(out)))
         if y_eval is not None:
             fixed_score = score(torch.cat(fixed_out), y_eval, str(eval_spec))
             if fixed_score.metric == "accuracy":
                 result.float_accuracy, result.fixed_accuracy = float_score.value, fixed_score.value
-        values = lossless_values(fixed.graph_module, [x_eval[:1]])  # types once, for the report, write and verify
         result.layers = layer_exactness(fixed, x_eval[:1], values=values)
 
     # what will be written, built once: verify runs these exact bytes, and only a model that

@@ -29,8 +29,8 @@ from qfx_onnx.atomic import write_atomic
 from qfx_onnx.errors import ExportError
 from qfx_onnx.fixed.quantizer import FixedQuantizer
 from qfx_onnx.fixed.types import OverflowMode, QuantMode
-from qfx_onnx.ir import ops
 from qfx_onnx.importer.reader import weight_free
+from qfx_onnx.ir import ops
 from qfx_onnx.ir.ops import IrOp, op_of
 from qfx_onnx.quant.annotated import (
     FORMAT_VERSION, INV_SCALE_SUFFIX, KEY_ROLE, KEY_TYPE, LOSSLESS, META_SOURCE, META_VERSION, NODE_IR_OP, QUANT_SUFFIX, RAW_SUFFIX,

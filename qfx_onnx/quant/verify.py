@@ -30,6 +30,7 @@ from qfx_onnx.ir.ops import op_of
 from qfx_onnx.quant.annotated import NOT_ANNOTATED, find_casts
 from qfx_onnx.quant.annotated_write import lossless_values
 from qfx_onnx.quant.quantize import CAST_MODULE_PREFIX, FixedPointModel, output_nodes
+from qfx_onnx.quant.report import samples_per_pass
 from qfx_onnx.quant.typeprop import ValueInfo
 
 
@@ -99,10 +100,12 @@ def verify_annotated(model: FixedPointModel, onnx_model: str | os.PathLike | onn
     values. Raises OnnxModelError when the ONNX model is not annotated or casts other tensors
     than ``model``.
 
-    Every element of every tensor is compared, in bounded memory: onnxruntime runs on chunks of
-    samples (of :data:`CHUNK_BYTES` of outputs; a graph fixed to one batch in that batch), and
-    each cast's emulated value is compared as the emulation produces it, then dropped with
-    onnxruntime's. Counts add up over the chunks; casts of parameters are compared once.
+    Every element of every tensor is compared, in bounded memory: onnxruntime and the emulation
+    run on chunks of samples (at most :data:`CHUNK_BYTES` of onnxruntime's outputs, and what
+    :func:`~qfx_onnx.quant.report.samples_per_pass` gives the emulation; a graph fixed to one
+    batch in that batch), and each cast's emulated value is compared as the emulation produces
+    it, then dropped with onnxruntime's. Counts add up over the chunks; casts of parameters are
+    compared once.
     ``values`` may pass type propagation's result from an earlier call on one sample
     (:func:`~qfx_onnx.quant.annotated_write.lossless_values`).
     """
@@ -137,7 +140,8 @@ def verify_annotated(model: FixedPointModel, onnx_model: str | os.PathLike | onn
     tallies = {name: _Tally() for name in [*cast_nodes, *(name for _, _, name in uncast)]}
     per_sample = 4 * sum(_numel(values[node]) for name, node in cast_nodes.items() if name not in constant)
     names = [o.name for o in session.get_outputs()]
-    for index, (chunk, rows) in enumerate(_chunks(inputs, fixed, max(1, CHUNK_BYTES // max(per_sample, 1)))):
+    size = min(max(1, CHUNK_BYTES // max(per_sample, 1)), samples_per_pass(values))
+    for index, (chunk, rows) in enumerate(_chunks(inputs, fixed, size)):
         ran = dict(zip(names, session.run(names, {i.name: t.numpy() for i, t in zip(session.get_inputs(), chunk)})))
 
         def compare(name: str, want: torch.Tensor, ran=ran, first=index == 0, rows=rows) -> None:
@@ -257,7 +261,7 @@ class _Tally:
         got32 = got.astype(np.float32, copy=False)
         self.mismatches += int(np.count_nonzero(want32.view(np.uint32) != got32.view(np.uint32)))
         if got.size:
-            diff = np.abs(np.subtract(got32, want.numpy(), dtype=np.float64))
+            diff = np.abs(np.subtract(got, want.numpy(), dtype=np.float64))
             largest = float(np.fmax.reduce(diff, axis=None))  # NaN only when every difference is NaN
             if not math.isnan(largest):
                 self.max_diff = max(self.max_diff, largest)
