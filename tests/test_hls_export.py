@@ -255,11 +255,11 @@ def test_report_counts_products_per_layer(tmp_path):
     result = _cnn_project(tmp_path, reuse_factor=2)
     layers = {e["layer"]: e for e in result.report["layers"]}
     conv = [layer for layer in result.model.layers if layer.kind == "conv"][0]
-    p = conv.params
-    taps = p["out_h"] * p["out_w"] * p["n_filt"] * p["chan_per_group"] * p["k_h"] * p["k_w"]
+    p, win = conv.params, conv.params.window
+    taps = win.out_h * win.out_w * p.n_filt * p.chan_per_group * win.k_h * win.k_w
     assert sum(m["count"] for m in layers[conv.ident]["multiplies"].values()) >= taps
     assert layers[conv.ident]["dsp"] == sum(m["dsp"] for m in layers[conv.ident]["multiplies"].values())
-    assert layers[conv.ident]["latency"] >= p["out_h"] * p["out_w"] * 2
+    assert layers[conv.ident]["latency"] >= win.out_h * win.out_w * 2
     totals = result.report["totals"]
     assert totals["dsp"] == sum(e["dsp"] for e in layers.values()) > 0
     assert totals["weight_bits"] == sum(c.size * c.ctype.type.width for c in result.model.constants)

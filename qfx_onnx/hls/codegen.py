@@ -11,32 +11,13 @@ double literal, which converts to its ``ap_fixed`` type without rounding.
 
 from __future__ import annotations
 
-import math
-import textwrap
-
 import numpy as np
 
-from qfx_onnx.hls.model import Constant, CType, Layer, Operand, Step
-from qfx_onnx.hls.shift_add import csd_digits
-
-VALUES_PER_LINE = 8
-
-
-# ------------------------------------------------------------------------------------ literals
-def exact_decimal(code: int, frac: int) -> str:
-    """The exact decimal text of ``code * 2**-frac`` as a C++ floating literal (``-0.2890625``)."""
-    code = int(code)
-    if frac <= 0:
-        return f"{code << -frac}.0"
-    sign = "-" if code < 0 else ""
-    digits = str(abs(code) * 5**frac).rjust(frac + 1, "0")
-    whole, part = digits[:-frac], digits[-frac:].rstrip("0")
-    return f"{sign}{whole}.{part or '0'}"
+from qfx_onnx.hls.cpp import exact_decimal, indent, lines, render_chain, render_khot_helpers, render_op  # noqa: F401 (re-exported)
+from qfx_onnx.hls.kinds import LAYER_KINDS
+from qfx_onnx.hls.model import Constant, Layer
 
 
-def _lines(items: list[str], per_line: int = VALUES_PER_LINE, indent: str = "    ") -> str:
-    rows = [", ".join(items[i:i + per_line]) for i in range(0, len(items), per_line)]
-    return (",\n").join(indent + r for r in rows)
 
 
 # ------------------------------------------------------------------------------------ defines.h
@@ -73,213 +54,23 @@ def render_weight(c: Constant) -> str:
 #include "../defines.h"
 
 static const {c.ctype.ident} {c.ident}[{c.size}] = {{
-{_lines(values)}
+{lines(values)}
 }};
 
 #endif
 """
 
 
-# ------------------------------------------------------------------------------------ steps
-def _operand(o: Operand, value: str, data_names: tuple[str, ...]) -> str | None:
-    if o.kind == "value":
-        return value
-    if o.kind == "const":
-        return f"{o.const.ident}[{o.index}]"
-    if o.kind == "data":
-        return f"{data_names[o.data]}[{o.index}]"
-    return None
-
-
-def render_op(step: Step, var: str, value: str, data_names: tuple[str, ...] = ("a", "b", "c")) -> list[str]:
-    """C++ statements computing ``step`` (an IR arith op) exactly into ``<T> var``."""
-    T = step.out.ident
-    ops = [_operand(o, value, data_names) for o in step.operands]
-    a = ops[0]
-    b = ops[1] if len(ops) > 1 else None
-    c = ops[2] if len(ops) > 2 else None
-    op = step.op
-    if op in ("add", "sub", "mul"):
-        sym = {"add": "+", "sub": "-", "mul": "*"}[op]
-        return [f"{T} {var} = {a} {sym} {b};"]
-    if op == "nary_sum":
-        return [f"{T} {var} = {' + '.join(ops)};"]
-    if op == "neg":
-        return [f"{T} {var} = -{a};"]
-    if op == "relu":
-        return [f"{T} {var} = {a} > 0 ? {T}({a}) : {T}(0);"]
-    if op in ("leaky_relu", "prelu"):
-        return [f"{T} {var} = {a} < 0 ? {T}({a} * {b}) : {T}({a});"]
-    if op == "clip":
-        out = [f"{T} {var} = {a};"]
-        if b is not None:
-            out.append(f"if ({var} < {b}) {var} = {b};")
-        if c is not None:
-            out.append(f"if ({var} > {c}) {var} = {c};")
-        return out
-    if op == "hard_sigmoid":
-        return [f"{T} {var} = {a} * {b} + {c};", f"if ({var} < 0) {var} = 0;", f"if ({var} > 1) {var} = 1;"]
-    if op == "hard_swish":
-        H, h = step.extra.ident, f"{var}_h"
-        return [f"{H} {h} = {a} * {b} + {c};", f"if ({h} < 0) {h} = 0;", f"if ({h} > 1) {h} = 1;",
-                f"{T} {var} = {a} * {h};"]
-    raise ValueError(f"no C++ form for op {op}")  # export.py only lets supported ops through
-
-
-def render_chain(steps: list[Step], head: CType) -> tuple[list[str], str]:
-    """Statements of the fused element-wise chain from ``v0`` (of type ``head``); the last variable."""
-    lines, value, value_t = [], "v0", head.type
-    for k, step in enumerate(steps, 1):
-        var = f"v{k}"
-        if step.kind == "cast":
-            lines.append(f"{step.out.ident} {var} = qfx::cast<{step.out.ident}>({value});")
-        elif step.kind == "lut":
-            w = value_t.width
-            lines.append(f"ap_uint<{w}> {var}_k = {value}.range({w - 1}, 0);")
-            lines.append(f"{step.out.ident} {var} = {step.table.ident}[{var}_k.to_uint()];")
-        else:
-            lines += render_op(step, var, value)
-        value, value_t = var, step.out.type
-    return lines, value
-
-
-def _indent(lines: list[str], n: int) -> str:
-    return textwrap.indent("\n".join(lines), " " * n)
-
-
-# ------------------------------------------------------------------------------------ configs
-def _shifted(k: int, shift: int) -> str:
-    return f"x{k}_{'l' if shift >= 0 else 'r'}{abs(shift)}"
-
-
-def render_mac(layer: Layer, term_t: str, x: str) -> tuple[list[str], set[str]]:
-    """Unrolled shift-add products of a K-hot layer, no multiplier; also the sign patterns used.
-
-    Each input is shifted once per digit exponent it needs (``x3_l2 = T(x[3]) << 2``, ``r`` for a
-    right shift), then each product is the signed sum of its digits' shifted inputs:
-    ``khot_pm(acc[3], x3_l2, x3_r1)`` is ``acc[3] += x3_l2 - x3_r1`` (the code 2**2 - 2**-1 in
-    weight LSBs; one small template per sign pattern keeps g++'s overload resolution cheap). A
-    group is exactly one product, so every partial sum stays within the lossless accumulator.
-    """
-    w = layer.weight
-    codes = w.codes.reshape(w.shape[0], -1)
-    p = layer.params
-    frac = w.ctype.type.frac
-    used: dict[int, set[int]] = {}
-    products, patterns = [], set()
-    for o in range(codes.shape[0]):
-        g = o // p["filt_per_group"] if layer.kind == "conv" else 0
-        base = g * p["chan_per_group"] * p["k_h"] * p["k_w"] if layer.kind == "conv" else 0
-        for k in np.flatnonzero(codes[o]).tolist():
-            src = base + k
-            digits = csd_digits(int(codes[o, k]))
-            pattern = "".join("p" if sign > 0 else "m" for sign, _ in digits)
-            patterns.add(pattern)
-            terms = []
-            for _, pos in digits:
-                used.setdefault(src, set()).add(pos - frac)
-                terms.append(_shifted(src, pos - frac))
-            products.append(f"qfx::khot_{pattern}(acc[{o}], {', '.join(terms)});")
-    decls = []
-    for src in sorted(used):
-        for shift in sorted(used[src]):
-            fn = "shl" if shift >= 0 else "shr"
-            decls.append(f"const {term_t} {_shifted(src, shift)} = qfx::{fn}<{term_t}>({x}[{src}], {abs(shift)});")
-    return decls + products, patterns
-
-
-def render_khot_helpers(patterns: set[str]) -> str:
-    """``qfx::khot_<signs>(acc, a, b, ...)``: ``acc += a - b ...`` for each sign pattern used."""
-    out = []
-    for pat in sorted(patterns):
-        names = [chr(ord("a") + j) for j in range(len(pat))]
-        params = ", ".join(f"const T &{n}" for n in names)
-        expr = "".join((" + " if j else "") + n if sgn == "p" else (" - " if j else "-") + n
-                       for j, (sgn, n) in enumerate(zip(pat, names)))
-        out.append(f"template <class A, class T> inline void khot_{pat}(A &acc, {params}) {{ acc += {expr}; }}")
-    return "namespace qfx {\n" + "\n".join(out) + "\n}  // namespace qfx" if out else ""
-
-
-def _ints(names: tuple[str, ...], p: dict) -> list[str]:
-    return [f"static const int {k} = {p[k]};" for k in names]
-
-
-def _table_fn(fn: str, var: str, values: np.ndarray) -> str:
-    table = _lines([str(v) for v in values.tolist()], 16, "      ")
-    return (f"static int {fn}(int {var}) {{\n    static const int table[{values.size}] = {{\n{table}\n    }};\n"
-            f"    return table[{var}];\n  }}")
-
-
-WINDOW = ("in_h", "in_w", "out_h", "out_w", "k_h", "k_w", "stride_h", "stride_w", "pad_top", "pad_left", "dil_h", "dil_w")
-
-
-def _linear_members(layer: Layer, rf: int, term_types: dict) -> tuple[list[str], set[str]]:
-    """dense/conv: types, sizes, partitioning, and the K-hot ``mac`` (with its sign patterns)."""
-    p, w, b = layer.params, layer.weight, layer.bias
-    members = [f"typedef {layer.head_type.ident} accum_t;", f"typedef {w.ctype.ident} weight_t;",
-               f"typedef {b.ctype.ident if b else 'ap_ufixed<1, 1>'} bias_t;",
-               f"static const bool has_bias = {'true' if b else 'false'};", f"static const int n_bias = {b.size if b else 1};"]
-    dense = layer.kind == "dense"
-    per_iter = p["n_in"] * p["n_out"] if dense else p["n_filt"] * p["chan_per_group"] * p["k_h"] * p["k_w"]
-    members += [f"static const int unroll_factor = {max(1, math.ceil(per_iter / rf))};",
-                f"static const int n_partition = {max(1, math.ceil(w.size / rf))};"]
-    members += _ints(("n_rows", "n_in", "n_out") if dense else
-                     ("n_chan", "n_filt", "groups", "chan_per_group", "filt_per_group") + WINDOW, p)
-    if not w.khot:
-        return members, set()
-    mac, patterns = render_mac(layer, term_types[layer.ident].ident, "x")
-    n_acc, n_x = (p["n_out"], p["n_in"]) if dense else (p["n_filt"], p["n_chan"] * p["k_h"] * p["k_w"])
-    members.append(f"static void mac(const {layer.inputs[0].ctype.ident} x[{n_x}], accum_t acc[{n_acc}]) {{\n"
-                   f"#pragma HLS INLINE\n{_indent(mac, 2)}\n}}")
-    return members, patterns
-
-
-def _map_members(layer: Layer) -> list[str]:
-    """map: sizes and ``head(i, a, b, c)``, the element-wise op on the data inputs (or a read)."""
-    p = layer.params
-    names = ("a", "b", "c")
-    args = ", ".join(f"const {b.ctype.ident} {nm}[{b.size}]" for nm, b in zip(names, layer.inputs))
-    members = [f"static const int n_out = {p['n_out']};"]
-    members += [f"static const int n_{nm} = {b.size};" for nm, b in zip(names, layer.inputs)]
-    body = [f"return a[{p['read_index']}];"] if layer.head is None else render_op(layer.head, "h", "a") + ["return h;"]
-    members.append(f"static head_t head(int i, {args}) {{\n#pragma HLS INLINE\n{_indent(body, 2)}\n}}")
-    return members
-
-
 def render_config(layer: Layer, options: dict) -> tuple[str, set[str]]:
-    """The ``config_<layer>`` struct(s) (sizes, types, index maps, epilogue, K-hot mac) and the
-    K-hot sign patterns it uses."""
-    p = layer.params
-    name = f"config_{layer.ident}"
+    """The ``config_<layer>`` struct(s) of ``layer`` (its kind's members, then the fused
+    element-wise ``epilogue``) and the K-hot sign patterns it uses."""
+    members, extra, patterns = LAYER_KINDS[layer.kind].config(layer, options)
     members = [f"typedef {layer.head_type.ident} head_t;", f"typedef {layer.output.ctype.ident} res_t;",
-               f"static const int reuse_factor = {options['reuse_factor']};"]
-    extra, patterns = [], set()
-    if layer.kind in ("dense", "conv"):
-        more, patterns = _linear_members(layer, options["reuse_factor"], options["term_types"])
-        members += more
-    elif layer.kind in ("pool", "reduce"):
-        members += [f"typedef {layer.head_type.ident} accum_t;",
-                    f"static const bool is_max = {'true' if p['is_max'] else 'false'};"]
-        if layer.kind == "pool":
-            members += _ints(("n_chan",) + WINDOW, p)
-        else:
-            members += _ints(("n_in", "n_out", "n_red"), p)
-            members.append(f"static int in_index(int o, int r) {{ return {p['out_part']} + {p['red_part']}; }}")
-    elif layer.kind == "remap":
-        members += _ints(("n_in", "n_out"), p) + [_table_fn("src", "i", p["table"])]
-    elif layer.kind == "concat":
-        members += _ints(("n_out",), p)
-        for k, (src, dst) in enumerate(zip(layer.inputs, p["dst"])):
-            extra.append(f"struct {name}_p{k} : {name} {{\n  static const int n_in = {src.size};\n"
-                         f"  {_table_fn('dst', 'j', dst)}\n}};")
-        parts = [f"typedef {name}_p{k} p{k};" for k in range(len(layer.inputs))]  # for concat2/3/4
-        extra.append(f"struct {name}_all : {name} {{\n{_indent(parts, 2)}\n}};")
-    elif layer.kind == "map":
-        members += _map_members(layer)
+               f"static const int reuse_factor = {options['reuse_factor']};"] + members
     chain, last = render_chain(layer.steps, layer.head_type)
     members.append(f"static res_t epilogue(const head_t &v0, int i) {{\n#pragma HLS INLINE\n"
-                   f"{_indent(chain + [f'return {last};'], 2)}\n}}")
-    struct = f"struct {name} {{\n{_indent(members, 2)}\n}};"
+                   f"{indent(chain + [f'return {last};'], 2)}\n}}")
+    struct = f"struct config_{layer.ident} {{\n{indent(members, 2)}\n}};"
     return "\n\n".join([struct] + extra), patterns
 
 
@@ -287,7 +78,7 @@ def render_parameters(p: dict) -> str:
     includes = "\n".join(f'#include "weights/{c.ident}.h"' for c in p["constants"])
     configs, patterns = [], set()
     for layer in p["layers"]:
-        if layer.kind != "fanout":  # fanout2 needs no configuration
+        if LAYER_KINDS[layer.kind].config is not None:  # fanout2 needs no configuration
             text, used = render_config(layer, p)
             configs.append(f"// {layer.ident}: {layer.kind} ({layer.op})\n{text}")
             patterns |= used
@@ -309,36 +100,6 @@ def render_parameters(p: dict) -> str:
 
 #endif
 """
-
-
-# ------------------------------------------------------------------------------------ top
-def _call(layer: Layer) -> list[str]:
-    cfg = f"config_{layer.ident}"
-    y = layer.output
-    ins = layer.inputs
-    if layer.kind in ("dense", "conv"):
-        fn = {"dense": "dense", "conv": "conv2d"}[layer.kind]
-        b = layer.bias.ident if layer.bias else "qfx::zero_bias"
-        if layer.weight.khot:
-            return [f"qfx::{fn}_khot<{ins[0].ctype.ident}, {y.ctype.ident}, {cfg}>({ins[0].ident}, {y.ident}, {b});"]
-        return [f"qfx::{fn}<{ins[0].ctype.ident}, {y.ctype.ident}, {cfg}>({ins[0].ident}, {y.ident}, "
-                f"{layer.weight.ident}, {b});"]
-    if layer.kind in ("pool", "reduce", "remap"):
-        fn = {"pool": "pool2d", "reduce": "reduce", "remap": "remap"}[layer.kind]
-        return [f"qfx::{fn}<{ins[0].ctype.ident}, {y.ctype.ident}, {cfg}>({ins[0].ident}, {y.ident});"]
-    if layer.kind == "concat":
-        if len(ins) > 4:  # no single-call template: one scatter per part
-            return [f"qfx::scatter<{x.ctype.ident}, {y.ctype.ident}, {cfg}_p{k}>({x.ident}, {y.ident});"
-                    for k, x in enumerate(ins)]
-        types = ", ".join(x.ctype.ident for x in ins)
-        return [f"qfx::concat{len(ins)}<{types}, {y.ctype.ident}, {cfg}_all>({', '.join(x.ident for x in ins)}, "
-                f"{y.ident});"]
-    if layer.kind == "fanout":
-        a, b = layer.params["copies"]
-        return [f"qfx::fanout2<{ins[0].ctype.ident}, {ins[0].size}>({ins[0].ident}, {a.ident}, {b.ident});"]
-    types = ", ".join(x.ctype.ident for x in ins)
-    args = ", ".join(x.ident for x in ins)
-    return [f"qfx::map{len(ins)}<{types}, {y.ctype.ident}, {cfg}>({args}, {y.ident});"]
 
 
 def render_top_h(p: dict) -> str:
@@ -387,12 +148,12 @@ def render_top_cpp(p: dict) -> str:
             if p["io"] == "parallel" and p["reuse_factor"] == 1:
                 body.append(f"#pragma HLS ARRAY_PARTITION variable = {buf.ident} complete")
     body.append("")
+    def array(b) -> str:  # the array holding buffer or constant b in the top function
+        return rename.get(b.ident, b.ident)
+
     for layer in p["layers"]:
         body.append(f"// {layer.ident}: {layer.kind}")
-        for line in _call(layer):
-            for old, new in rename.items():
-                line = _replace_ident(line, old, new)
-            body.append(line)
+        body += LAYER_KINDS[layer.kind].call(layer, f"config_{layer.ident}", array)
     if p["io"] == "stream":
         body.append("")
         for b in p["outputs"]:
@@ -402,14 +163,9 @@ def render_top_cpp(p: dict) -> str:
 #include "parameters.h"
 
 void {p['top']}({_signature(p)}) {{
-{_indent(body, 2)}
+{indent(body, 2)}
 }}
 """
-
-
-def _replace_ident(line: str, old: str, new: str) -> str:
-    import re
-    return re.sub(rf"\b{re.escape(old)}\b", new, line)
 
 
 # ------------------------------------------------------------------------------------ testbench
@@ -495,7 +251,7 @@ int main(int argc, char **argv) {{
              vectors, in.size(), ex.size());
       return 2;
     }}
-{_indent(decls + sets + run + checks, 4)}
+{indent(decls + sets + run + checks, 4)}
     vectors++;
   }}
   printf("QFX-CSIM vectors=%ld values=%ld mismatches=%ld\\n", vectors, values, mismatches);

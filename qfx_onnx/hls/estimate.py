@@ -29,6 +29,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from qfx_onnx.fixed.types import FixedType
+from qfx_onnx.hls.kinds import LAYER_KINDS
 from qfx_onnx.hls.model import Constant, HlsModel, Layer
 
 DSP_PORTS = (27, 18)
@@ -72,19 +73,6 @@ class LayerEstimate:
     latency: int = 0
 
 
-def _iterations(layer: Layer) -> int:
-    p = layer.params
-    if layer.kind == "dense":
-        return p["n_rows"]
-    if layer.kind == "conv":
-        return p["out_h"] * p["out_w"]
-    if layer.kind == "pool":
-        return p["out_h"] * p["out_w"]  # channels unrolled inside the pixel loop, as in conv
-    if layer.kind == "concat":
-        return sum(x.size for x in layer.inputs)
-    return layer.output.size
-
-
 def _constants(layer: Layer) -> list[Constant]:
     out = [c for c in (layer.weight, layer.bias) if c is not None]
     out += [x for x in layer.inputs if isinstance(x, Constant)]
@@ -103,7 +91,7 @@ def _constants(layer: Layer) -> list[Constant]:
 
 def estimate_layer(layer: Layer, reuse: int) -> LayerEstimate:
     est = LayerEstimate(layer.ident, layer.kind, layer.op, layer.source)
-    iters = _iterations(layer)
+    iters = LAYER_KINDS[layer.kind].iterations(layer)
     est.iterations = iters
     depth = 2
     for prod in layer.products:

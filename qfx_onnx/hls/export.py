@@ -7,6 +7,8 @@ Contract of :func:`build_hls_model`:
   full accumulator). The only conversion that can round or overflow is a quantizer cast, and it
   happens exactly once per cast node, from the exact value; so the C++ result cannot depend on
   summation order and equals the float64 emulation bit for bit.
+* Each op is placed by its definition's HLS form (``IrOp.hls``: alias, remap, split parts, the
+  head of a registered layer kind, an element-wise step, a lookup table, or refused with a reason).
 * Layers are formed greedily in graph order. A layer has a head (dense, conv, pool, reduce, remap,
   concat, or an element-wise op on 1-3 data arrays) and a chain of element-wise steps fused after it
   (casts, BatchNorm's mul and add, activations, lookup tables): a step joins the chain of its only
@@ -33,22 +35,15 @@ from torch import fx
 from qfx_onnx.errors import ExportError
 from qfx_onnx.fixed.types import FixedType, OverflowMode
 from qfx_onnx.hls.fxutil import const_nodes, is_shape, label, op_name, record_values
-from qfx_onnx.hls.heads import LUT_OPS, HeadsMixin
+from qfx_onnx.hls.heads import HeadsMixin
+from qfx_onnx.hls.kinds import LAYER_KINDS, FanoutParams, MapParams
 from qfx_onnx.hls.model import Buffer, Constant, CType, HlsModel, Layer
 from qfx_onnx.hls.names import Namer
-from qfx_onnx.ir.ops import op_of
+from qfx_onnx.ir.ops import NoHls, op_of
 from qfx_onnx.quant.typeprop import ValueInfo, propagate
 
 log = logging.getLogger(__name__)
 
-ALIAS_OPS = {"reshape", "flatten", "squeeze", "unsqueeze", "identity", "cast"}
-REMAP_OPS = {"transpose", "slice_axes", "pad", "resize", "gather"}
-LINEAR_OPS = {"gemm", "matmul", "conv"}
-POOL_OPS = {"max_pool", "sum_pool"}
-REDUCE_OPS = {"reduce_sum", "global_max_pool"}
-ARITH_OPS = {"add", "sub", "mul", "neg", "nary_sum", "relu", "leaky_relu", "prelu", "clip",
-             "hard_sigmoid", "hard_swish"}
-SUPPORTED_OPS = ALIAS_OPS | REMAP_OPS | LINEAR_OPS | POOL_OPS | REDUCE_OPS | ARITH_OPS | LUT_OPS | {"split", "concat"}
 MAX_CONST_WIDTH = 53  # constants are written as decimal literals that are exact doubles
 EXACT_FLOAT64_BITS = 53
 
@@ -79,22 +74,24 @@ class ExportOptions:
 
 
 def find_unsupported(gm: fx.GraphModule, const: set[fx.Node]) -> list[str]:
-    """``op (node)`` for every computing node that has no HLS form."""
+    """``op [ir op] (node): reason`` for every computing node whose op has no HLS form
+    (:class:`~qfx_onnx.ir.opdef.NoHls`, or a head of an unregistered layer kind)."""
     bad = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node in const:
             continue
         if node.target is operator.getitem:
-            if op_name(node.args[0]) != "split":
+            source = op_of(getattr(node.args[0], "target", None))
+            if source is None or not source.multi_output:
                 bad.append(f"getitem of {op_name(node.args[0])} ({label(node)})")
             continue
         op = op_of(node.target)
         if op is None:
             bad.append(f"{op_name(node)} ({label(node)})")
-        elif op.kind == "shape":
-            continue
-        elif op.name not in SUPPORTED_OPS:
-            bad.append(f"{op.onnx_op or op.name} [{op.name}] ({label(node)})")
+        elif isinstance(op.hls, NoHls):
+            bad.append(f"{op.onnx_op or op.name} [{op.name}] ({label(node)}): {op.hls.reason}")
+        elif op.hls.place == "head" and op.hls.layer not in LAYER_KINDS:
+            bad.append(f"{op.onnx_op or op.name} [{op.name}] ({label(node)}): layer kind {op.hls.layer!r} is not registered")
     return bad
 
 
@@ -253,45 +250,44 @@ class _Builder(HeadsMixin):
         return self._new_group("map", None, [data], self.shape(node), [node])
 
     def _function_node(self, node: fx.Node) -> None:
-        name = op_name(node)
-        if name == "split":
-            return  # read through its getitem users
-        data = self._data_args(node)
-        if name == "getitem":  # one part of a split: a remap of the split's input
+        """Place ``node`` by its op's HLS form (``IrOp.hls``)."""
+        if node.target is operator.getitem:  # one part of a split: a remap of the split's input
             self._move(node, self._data_args(node.args[0])[0])
-        elif name in ALIAS_OPS:
+            return
+        op = op_of(node.target)
+        form = op.hls if op is not None else NoHls("not an IR op")
+        if isinstance(form, NoHls):
+            raise ExportError(f"node {label(node)}: op {op_name(node)} has no HLS form ({form.reason})")
+        data = self._data_args(node)
+        if form.place == "split":
+            return  # read through its getitem users
+        if form.place == "alias":
             self.alias[node] = self.resolve(data[0])
-        elif name in REMAP_OPS:
+        elif form.place == "remap":
             self._move(node, data[0])
-        elif name in LINEAR_OPS:
-            if len(data) != 1 or node.args[0] is not data[0]:
-                raise ExportError(f"node {label(node)} ({name}): only data x constant-weight products have an "
-                                  "HLS form (the weight must be a constant, the data the first input)")
-            self._new_group("dense" if name in ("gemm", "matmul") else "conv", node, data, self.shape(node))
-        elif name in POOL_OPS:
-            self._new_group("pool", node, data, self.shape(node))
-        elif name in REDUCE_OPS:
-            self._new_group("reduce", node, data, self.shape(node))
-        elif name == "concat":
-            self._new_group("concat", node, data, self.shape(node))
-        elif name in ARITH_OPS:
+        elif form.place == "head":
+            kind = LAYER_KINDS[form.layer]
+            if kind.check is not None:
+                kind.check(self, node, data)
+            self._new_group(form.layer, node, data, self.shape(node))
+        elif form.place == "step":
             if len(data) == 1:
                 self._chain(node, data[0])
             elif len(data) <= 3:
                 self._new_group("map", node, data, self.shape(node))
             else:
-                raise ExportError(f"node {label(node)} ({name}): at most 3 data inputs per element-wise op")
-        elif name in LUT_OPS:
+                raise ExportError(f"node {label(node)} ({op.name}): at most 3 data inputs per element-wise op")
+        elif form.place == "table":
             users = list(node.users)
             if len(users) != 1 or users[0].op != "call_module":
-                raise ExportError(f"node {label(node)} ({name}): a nonlinear op must be followed by exactly "
+                raise ExportError(f"node {label(node)} ({op.name}): a nonlinear op must be followed by exactly "
                                   "one quantizer cast (its lookup table holds the cast results)")
             g = self._chain(node, data[0])
             del self.tail_group[node]
             g.lut_casts[node] = users[0]
             self.tail_group[g.tail] = g
         else:
-            raise ExportError(f"node {label(node)}: op {name} has no HLS form")
+            raise ExportError(f"node {label(node)}: op {op.name} has no HLS form (place {form.place!r})")
 
     def _move(self, node: fx.Node, data: fx.Node) -> None:
         table = self.index_map(node, data)
@@ -371,7 +367,7 @@ class _Builder(HeadsMixin):
                 a = Buffer(self.names.name(f"{src.ident}_f{n}"), src.ctype, src.shape, src.source)
                 b = Buffer(self.names.name(f"{src.ident}_r{n}"), src.ctype, src.shape, src.source)
                 chain.append(Layer(self.names.name(f"fanout_{src.ident}_{n}"), "fanout", [current], a, src.ctype,
-                                   params=dict(copies=[a, b]), op="fanout"))
+                                   params=FanoutParams([a, b]), op="fanout"))
                 new_buffers += [a, b]
                 layer.inputs[j] = a
                 current = b
@@ -407,7 +403,7 @@ class _Builder(HeadsMixin):
             if group.kind == "input" or buf.ident in used or readers.get(buf.ident, 0) > 0:
                 out = Buffer(self.names.name(buf.source + "_out", "x_"), buf.ctype, buf.shape, buf.source)
                 copies.append(Layer(self.names.name("copy_" + buf.source, "l_"), "map", [buf], out, buf.ctype,
-                                    params=dict(n_out=buf.size, read_index="i"), source=buf.source, op="copy"))
+                                    params=MapParams(buf.size), source=buf.source, op="copy"))
                 buf = out
             used.add(buf.ident)
             ports.append(buf)
@@ -418,8 +414,7 @@ class _Builder(HeadsMixin):
         head_name = op_name(g.head) if g.head is not None else "read"
         source = str((g.head or g.steps[0]).meta.get("onnx_node") or (g.head or g.steps[0]).name)
         ident = self.names.name(f"l{k}_{head_name}", "")
-        builder = getattr(self, f"_layer_{g.kind}")
-        layer = builder(ident, g, out)
+        layer = LAYER_KINDS[g.kind].build(self, ident, g, out)
         layer.source, layer.op = source, head_name
         layer.steps = self.steps(g, layer)
         return layer

@@ -14,19 +14,17 @@ import torch
 from torch import fx
 
 from qfx_onnx.errors import ExportError
-from qfx_onnx.fixed.types import FixedType, add_type, mul_type, union_type
+from qfx_onnx.fixed.types import FixedType
 from qfx_onnx.hls.fxutil import bcast_index, label, mixed_radix, op_name
 from qfx_onnx.hls.model import Buffer, Constant, Layer, Operand, Products, Step
 from qfx_onnx.hls.shift_add import khot_terms, khot_weight
-from qfx_onnx.ir.ops import pool_padding
+from qfx_onnx.hls.kinds import ConcatParams, ConvParams, DenseParams, MapParams, PoolParams, ReduceParams, RemapParams, Window
+from qfx_onnx.ir.ops import op_of, pool_padding
 
 if TYPE_CHECKING:  # export.py imports this module; the type is only for annotations
     from qfx_onnx.hls.export import _Group
 
-LUT_OPS = {"sigmoid", "tanh"}
 MAX_LUT_WIDTH = 16
-BIT = FixedType(1, 1, signed=False)
-PRODUCT_OPS = ("mul", "leaky_relu", "prelu", "hard_sigmoid", "hard_swish")
 
 
 class HeadsMixin:
@@ -40,7 +38,7 @@ class HeadsMixin:
         for node in g.steps:
             if node.op == "call_module":
                 steps.append(Step("cast", self.ctype(node, "tensor"), source=str(node.meta.get("onnx_name"))))
-            elif op_name(node) in LUT_OPS:
+            elif node in g.lut_casts:
                 steps.append(self.lut_step(node, g.lut_casts[node], value_type))
             else:
                 steps.append(self.op_step(node, g, None))
@@ -65,14 +63,13 @@ class HeadsMixin:
             else:
                 operands.append(Operand("data", bcast_index(out_shape, self.shape(a)), data=data.index(a)))
         out = self.ctype(node, "intermediate")
-        extra = None
-        if op_name(node) == "hard_swish":
-            x_t = self._operand_type(operands[0], data, node)
-            h = union_type(add_type(mul_type(x_t, self._operand_type(operands[1], data, node)),
-                                    self._operand_type(operands[2], data, node)), BIT)
-            extra = self.extra_ctype(str(node.meta.get("onnx_name") or node.name) + "_hsig", h, "intermediate")
-        return Step("op", out, op_name(node), operands, source=str(node.meta.get("onnx_name") or node.name),
-                    extra=extra)
+        source = str(node.meta.get("onnx_name") or node.name)
+        temps = {}
+        rule = op_of(node.target).hls.temps
+        if rule is not None:  # named intermediates of the op's C++ (hard_swish: its hard-sigmoid factor)
+            types = [self._operand_type(o, data, node) for o in operands]
+            temps = {key: self.extra_ctype(f"{source}_{key}", t, "intermediate") for key, t in rule(types).items()}
+        return Step("op", out, op_name(node), operands, source=source, temps=temps)
 
     def _operand_type(self, operand: Operand, data, node: fx.Node) -> FixedType:
         if operand.kind == "const":
@@ -89,8 +86,9 @@ class HeadsMixin:
         raw = np.arange(1 << in_t.width, dtype=np.int64)
         codes = raw - ((raw >> (in_t.width - 1)) << in_t.width) if in_t.signed else raw
         x = torch.from_numpy(np.ldexp(codes.astype(np.float64), -in_t.frac))
+        fn = op_of(node.target).hls.table or node.target  # the function the table holds (IrOp.hls.table)
         with torch.no_grad():
-            y = q(node.target(x, **node.kwargs))
+            y = q(fn(x, **node.kwargs))
         out = self.ctype(cast, "tensor")
         t = out.type
         scaled = y.numpy() * math.ldexp(1.0, t.frac)
@@ -103,13 +101,14 @@ class HeadsMixin:
         return Step("lut", out, op_name(node), table=table, source=source)
 
     def step_products(self, node: fx.Node, n: int) -> list[Products]:
-        name = op_name(node)
-        if name not in ("mul", "leaky_relu", "prelu", "hard_sigmoid", "hard_swish"):
+        """The multiplications of an element-wise op (``IrOp.hls.products`` per element)."""
+        per_element = op_of(node.target).hls.products
+        if not per_element:
             return []
         types = [self.info[a].type for a in node.all_input_nodes]
         if any(t is None for t in types) or len(types) < 2:
             return []
-        count = n * (2 if name == "hard_swish" else 1)
+        count = n * per_element
         return [Products(count, count, 1, types[0], types[1])]
 
     # --- heads
@@ -161,7 +160,7 @@ class HeadsMixin:
         rows = int(np.prod(out_shape[:-1]))
         acc = self.ctype(node, "accumulator")
         x_t = self.fixed(x)
-        params = dict(n_rows=rows, n_in=n_in, n_out=n_out)
+        params = DenseParams(rows, n_in, n_out)
         prods = Products(rows * n_out * n_in, n_out * n_in, rows, x_t, w.ctype.type,
                          khot_terms=khot_terms(w) * rows if w.khot else 0, acc_width=acc.type.width)
         return Layer(ident, "dense", [self.buffer(x)], out, acc, params=params, weight=w, bias=bias,
@@ -183,12 +182,11 @@ class HeadsMixin:
         n_filt, n_chan, groups = out_shape[1], x_shape[1], kw["group"]
         if n_chan % groups or n_filt % groups:
             raise ExportError(f"node {label(node)}: {n_chan} channels and {n_filt} filters in {groups} groups")
-        params = dict(n_chan=n_chan, n_filt=n_filt, groups=groups, chan_per_group=n_chan // groups,
-                      filt_per_group=n_filt // groups, **geo)
+        params = ConvParams(n_chan, n_filt, groups, n_chan // groups, n_filt // groups, geo)
         bias = self._bias(b_node, n_filt)
         acc = self.ctype(node, "accumulator")
-        taps = (n_chan // groups) * geo["k_h"] * geo["k_w"]
-        pixels = geo["out_h"] * geo["out_w"]
+        taps = (n_chan // groups) * geo.k_h * geo.k_w
+        pixels = geo.out_h * geo.out_w
         prods = Products(pixels * n_filt * taps, n_filt * taps, pixels, self.fixed(x), w.ctype.type,
                          khot_terms=khot_terms(w) * pixels if w.khot else 0, acc_width=acc.type.width)
         return Layer(ident, "conv", [self.buffer(x)], out, acc, params=params, weight=w, bias=bias,
@@ -205,7 +203,7 @@ class HeadsMixin:
         begins, _ = pool_padding(x_shape[2:], kw["kernel_shape"], kw["strides"], kw["pads"], kw["dilations"],
                                  kw.get("ceil_mode", 0))
         geo = _geometry(x_shape[2:], out_shape[2:], tuple(kw["kernel_shape"]), kw["strides"], begins, kw["dilations"])
-        params = dict(n_chan=x_shape[1], is_max=int(op_name(node) == "max_pool"), **geo)
+        params = PoolParams(x_shape[1], op_name(node) == "max_pool", geo)
         return Layer(ident, "pool", [self.buffer(x)], out, self.ctype(node, "accumulator"), params=params)
 
     def _layer_reduce(self, ident: str, g: _Group, out: Buffer) -> Layer:
@@ -217,16 +215,15 @@ class HeadsMixin:
         strides = [int(np.prod(x_shape[d + 1:])) for d in range(len(x_shape))]
         kept = [(x_shape[d], strides[d]) for d in range(len(x_shape)) if d not in axes]
         red = [(x_shape[d], strides[d]) for d in axes]
-        params = dict(n_in=int(np.prod(x_shape)), n_out=int(np.prod([s for s, _ in kept])),
-                      n_red=int(np.prod([s for s, _ in red])), is_max=int(op_name(node) == "global_max_pool"),
-                      out_part=mixed_radix("o", kept), red_part=mixed_radix("r", red))
+        params = ReduceParams(int(np.prod(x_shape)), int(np.prod([s for s, _ in kept])), int(np.prod([s for s, _ in red])),
+                              op_name(node) == "global_max_pool", mixed_radix("o", kept), mixed_radix("r", red))
         return Layer(ident, "reduce", [self.buffer(x)], out, self.ctype(node, "accumulator"), params=params)
 
     def _layer_remap(self, ident: str, g: _Group, out: Buffer) -> Layer:
         node = g.head
         data = g.data[0]
         table = self.index_map(node, data)
-        params = dict(n_in=int(np.prod(self.shape(data))), n_out=int(table.size), table=table)
+        params = RemapParams(int(np.prod(self.shape(data))), int(table.size), table)
         return Layer(ident, "remap", [self.buffer(data)], out, self.ctype(node, "intermediate"), params=params)
 
     def _layer_concat(self, ident: str, g: _Group, out: Buffer) -> Layer:
@@ -243,7 +240,7 @@ class HeadsMixin:
         for p, o, s in zip(parts, offsets, sizes):
             inputs.append(self.constant(p) if p in self.const else self.buffer(p))
             dsts.append(where[o:o + s])
-        params = dict(n_out=int(flat.size), dst=dsts)
+        params = ConcatParams(int(flat.size), dsts)
         return Layer(ident, "concat", inputs, out, self.ctype(node, "intermediate"), params=params)
 
     def _layer_map(self, ident: str, g: _Group, out: Buffer) -> Layer:
@@ -252,20 +249,20 @@ class HeadsMixin:
         if g.head is None:  # read one array, then the chain
             src = g.data[0]
             head_type = inputs[0].ctype
-            params = dict(n_out=n, read_index=bcast_index(g.shape, self.shape(src)))
+            params = MapParams(n, bcast_index(g.shape, self.shape(src)))
             return Layer(ident, "map", inputs, out, head_type, params=params)
         head = self.op_step(g.head, g, g.data)
-        params = dict(n_out=n)
+        params = MapParams(n)
         layer = Layer(ident, "map", inputs, out, head.out, params=params, head=head)
         layer.products += self.step_products(g.head, n)
         return layer
 
 
-def _geometry(in_sizes, out_sizes, kernel, strides, begins, dilations) -> dict:
+def _geometry(in_sizes, out_sizes, kernel, strides, begins, dilations) -> Window:
     """2-D window geometry; a 1-D op becomes H = 1."""
     if len(in_sizes) == 1:
         in_sizes, out_sizes, kernel = (1, *in_sizes), (1, *out_sizes), (1, *kernel)
         strides, begins, dilations = (1, *strides), (0, *begins), (1, *dilations)
-    return dict(in_h=int(in_sizes[0]), in_w=int(in_sizes[1]), out_h=int(out_sizes[0]), out_w=int(out_sizes[1]),
-                k_h=int(kernel[0]), k_w=int(kernel[1]), stride_h=int(strides[0]), stride_w=int(strides[1]),
-                pad_top=int(begins[0]), pad_left=int(begins[1]), dil_h=int(dilations[0]), dil_w=int(dilations[1]))
+    return Window(in_h=int(in_sizes[0]), in_w=int(in_sizes[1]), out_h=int(out_sizes[0]), out_w=int(out_sizes[1]),
+                  k_h=int(kernel[0]), k_w=int(kernel[1]), stride_h=int(strides[0]), stride_w=int(strides[1]),
+                  pad_top=int(begins[0]), pad_left=int(begins[1]), dil_h=int(dilations[0]), dil_w=int(dilations[1]))

@@ -9,7 +9,7 @@ sanitized C++ identifier (see :mod:`qfx_onnx.hls.names`); the raw ONNX names sur
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -77,7 +77,7 @@ class Step:
     operands: list[Operand] = field(default_factory=list)
     table: Constant | None = None  # lut: output codes indexed by the input's raw bits
     source: str = ""
-    extra: CType | None = None  # hard_swish: the type of its hard-sigmoid factor
+    temps: dict[str, CType] = field(default_factory=dict)  # op: its temporaries' types (IrOp.hls.temps)
 
 
 @dataclass
@@ -97,9 +97,11 @@ class Products:
 class Layer:
     """A head (``kind``) that produces a lossless value per output element, then ``steps``.
 
-    kinds: ``dense``, ``conv`` (2-D; 1-D as H = 1), ``pool`` (max or sum windows), ``reduce``
-    (sum or max over axes), ``remap`` (index table: transpose, slice, pad, resize, gather),
-    ``concat`` (one scatter per input), ``map`` (element-wise head on 1-3 data inputs).
+    ``kind`` names a registered :class:`~qfx_onnx.hls.kinds.LayerKind` (built in: ``dense``,
+    ``conv`` (2-D; 1-D as H = 1), ``pool`` (max or sum windows), ``reduce`` (sum or max over
+    axes), ``remap`` (index table: transpose, slice, pad, resize, gather), ``concat`` (one scatter
+    per input), ``map`` (element-wise head on 1-3 data inputs), ``fanout``); ``params`` is that
+    kind's typed parameter object (``DenseParams`` ...).
     """
 
     ident: str
@@ -108,7 +110,7 @@ class Layer:
     output: Buffer
     head_type: CType
     steps: list[Step] = field(default_factory=list)
-    params: dict = field(default_factory=dict)
+    params: Any = None
     weight: Constant | None = None
     bias: Constant | None = None
     head: Step | None = None  # map: the op on the data inputs (None: read input 0)

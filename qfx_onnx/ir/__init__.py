@@ -1,5 +1,5 @@
 """The intermediate representation: a torch.fx graph whose call_function targets are IR ops."""
 
-from qfx_onnx.ir.ops import IR_OPS, IrOp, ir_op
+from qfx_onnx.ir.ops import IR_OPS, HlsForm, IrOp, NoHls, OpDef, ir_op, op_of
 
-__all__ = ["IR_OPS", "IrOp", "ir_op"]
+__all__ = ["IR_OPS", "HlsForm", "IrOp", "NoHls", "OpDef", "ir_op", "op_of"]

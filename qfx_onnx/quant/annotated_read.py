@@ -23,8 +23,7 @@ from qfx_onnx.errors import ExportError, OnnxModelError
 from qfx_onnx.fixed.types import FixedType
 from qfx_onnx.importer import load_onnx
 from qfx_onnx.importer.reader import read_model
-from qfx_onnx.ir import ops
-from qfx_onnx.ir.ops import op_of
+from qfx_onnx.ir.ops import IR_OPS
 from qfx_onnx.quant.annotated import (
     CAST_ROLES, KEY_ROLE, KEY_TYPE, LOSSLESS, META_SOURCE, NODE_IR_OP, NOT_ANNOTATED, CastCall, annotations, find_casts,
     parse_khot, parse_types,
@@ -165,14 +164,15 @@ def strip_casts(model: onnx.ModelProto, casts: list[CastCall]) -> onnx.ModelProt
 
 
 def _restore_ir_ops(gm: fx.GraphModule, node_meta: dict[str, dict[str, str]], label: str) -> None:
-    """Turn emissions tagged ``qfx.ir_op`` back into the IR op they stand for, so that a model read
-    back has the graph (and the lossless types) of the model written."""
+    """Turn emissions tagged ``qfx.ir_op`` back into the IR op they stand for (the tagged op's
+    ``restore``), so that a model read back has the graph (and the lossless types) of the model written."""
     changed = False
     for node in list(gm.graph.nodes):
         tag = node_meta.get(node.meta.get("onnx_node"), {}).get(NODE_IR_OP) if node.op == "call_function" else None
         if tag is None:
             continue
-        restore = _RESTORERS.get(tag)
+        op = IR_OPS.get(tag)
+        restore = op.restore if op is not None else None
         if restore is None:
             raise OnnxModelError(f"{label}: node {node.meta['onnx_node']!r} is tagged {NODE_IR_OP}={tag!r}, which this version cannot restore")
         if not restore(gm, node):
@@ -182,54 +182,6 @@ def _restore_ir_ops(gm: fx.GraphModule, node_meta: dict[str, dict[str, str]], la
         _erase_unused(gm)
         gm.graph.lint()
         gm.recompile()
-
-
-def _is(node, op) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and op_of(node.target) is op.ir_op
-
-
-def _restore_sum_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """``conv(x, ones)`` (grouped, the all-ones kernel) -> ``sum_pool(x)`` with the conv's window."""
-    if not _is(node, ops.conv) or len(node.args) > 2 and node.args[2] is not None or node.args[1].op != "get_attr":
-        return False
-    kernel = operator.attrgetter(node.args[1].target)(gm)
-    if not bool((kernel == 1).all()) or kernel.shape[1] != 1:
-        return False
-    kw = node.kwargs
-    node.target = ops.sum_pool
-    node.args = (node.args[0],)
-    node.kwargs = dict(kernel_shape=list(kernel.shape[2:]), ceil_mode=0, strides=kw["strides"], pads=kw["pads"], dilations=kw["dilations"])
-    return True
-
-
-def _hard_sigmoid_args(node: fx.Node) -> tuple | None:
-    """``(x, alpha, beta)`` of ``clip(add(mul(x, alpha), beta), 0, 1)``, or None."""
-    if not _is(node, ops.clip) or not _is(node.args[0], ops.add) or not _is(node.args[0].args[0], ops.mul):
-        return None
-    (x, alpha), beta = node.args[0].args[0].args, node.args[0].args[1]
-    return x, alpha, beta
-
-
-def _restore_hard_sigmoid(gm: fx.GraphModule, node: fx.Node) -> bool:
-    args = _hard_sigmoid_args(node)
-    if args is None:
-        return False
-    node.target, node.args, node.kwargs = ops.hard_sigmoid, args, {}
-    return True
-
-
-def _restore_hard_swish(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """``mul(x, hard_sigmoid-as-clip(x, alpha, beta))`` -> ``hard_swish(x, alpha, beta)``."""
-    if not _is(node, ops.mul):
-        return False
-    args = _hard_sigmoid_args(node.args[1])
-    if args is None or args[0] is not node.args[0]:
-        return False
-    node.target, node.args, node.kwargs = ops.hard_swish, args, {}
-    return True
-
-
-_RESTORERS = {"sum_pool": _restore_sum_pool, "hard_sigmoid": _restore_hard_sigmoid, "hard_swish": _restore_hard_swish}
 
 
 def _erase_unused(gm: fx.GraphModule) -> None:

@@ -3,20 +3,19 @@
 Every fx node becomes ONNX in graph order: placeholders the graph inputs, ``get_attr`` nodes
 initializers named by their ``onnx_name``, cast modules calls to the local cast function of their
 type, IR ops the ONNX op(s) with exactly the op's semantics at opset 18. An IR op is emitted as
-its ``onnx_op`` with its keyword attributes copied (checked against the opset-18 schema) unless an
-emitter below is registered for it: those ops pass values as inputs at opset 18 or have no ONNX op
-of their own.
+its ``onnx_op`` with its keyword attributes copied (checked against the opset-18 schema) unless its
+definition gives an ``emit`` (:mod:`qfx_onnx.ir.defs`): those ops pass values as inputs at opset 18
+or have no ONNX op of their own.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import operator
 import os
 import weakref
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -31,7 +30,7 @@ from qfx_onnx.fixed.quantizer import FixedQuantizer
 from qfx_onnx.fixed.types import OverflowMode, QuantMode
 from qfx_onnx.importer.reader import weight_free
 from qfx_onnx.ir import ops
-from qfx_onnx.ir.ops import IrOp, op_of
+from qfx_onnx.ir.ops import op_of
 from qfx_onnx.quant.annotated import (
     FORMAT_VERSION, INV_SCALE_SUFFIX, KEY_ROLE, KEY_TYPE, LOSSLESS, META_SOURCE, META_VERSION, NODE_IR_OP, QUANT_SUFFIX, RAW_SUFFIX,
     SCALE_SUFFIX, khot_entries, type_entries,
@@ -300,13 +299,13 @@ class _Writer:
                 raise ExportError(f"{node.name!r}: getitem on something other than a split")
         elif op is None:
             raise ExportError(f"{node.name!r}: {getattr(node.target, '__name__', node.target)} is not an IR op")
-        elif op.name == "split":  # its ONNX outputs are the getitem nodes: the Split node is the ONNX node
-            _emit_split(self, node, node.meta.get("onnx_node") or node.name)
+        elif op.multi_output:  # its ONNX outputs are the getitem nodes: the op's node is the ONNX node
+            op.emit(self, node, None, node.meta.get("onnx_node") or node.name)
             return
         else:
             out = self.output_name(node)
             self.names[node] = out
-            _emitter_of(op)(self, node, out, self.node_name(node, out))
+            (op.emit or _emit_default)(self, node, out, self.node_name(node, out))
         value = self.values.get(node)
         if value is not None and value.type is not None and (op is None or op.kind != "shape"):
             # the value's type; modes only matter where a cast rounds
@@ -328,28 +327,7 @@ class _Writer:
 
 
 # --------------------------------------------------------------------------------------------------
-# emitters
-
-
-Emitter = Callable[[_Writer, fx.Node, str, str], None]
-_EMITTERS: dict[str, Emitter] = {}
-
-
-def emitter(*names: str) -> Callable[[Emitter], Emitter]:
-    """Register an emitter for the IR ops ``names``: ``fn(writer, node, output, node_name)``."""
-
-    def register(fn: Emitter) -> Emitter:
-        for name in names:
-            _EMITTERS[name] = fn
-        return fn
-
-    return register
-
-
-def _emitter_of(op: IrOp) -> Emitter:
-    """The registered emitter of ``op`` (a shape-kind twin shares its op's), else the default."""
-    twin_of = op.name.removeprefix("shape_") if op.kind == "shape" else op.name
-    return _EMITTERS.get(op.name) or _EMITTERS.get(twin_of) or _emit_default
+# the default emission (ops with their own emission define ``emit`` in qfx_onnx.ir.defs)
 
 
 def _emit_default(w: _Writer, node: fx.Node, out: str, name: str) -> None:
@@ -381,148 +359,6 @@ def _attributes(op_type: str, kwargs: dict, where: str) -> dict:
             value = [float(v) for v in value]
         out[key] = value
     return out
-
-
-def _ints(values: Sequence[int]) -> np.ndarray:
-    return np.asarray(list(values), dtype=np.int64)
-
-
-@emitter("leaky_relu")
-def _emit_leaky_relu(w: _Writer, node: fx.Node, out: str, name: str) -> None:
-    """``where(x < 0, x * alpha, x)`` with a tensor alpha is exactly PRelu."""
-    w.node("PRelu", [w.arg(node.args[0]), w.arg(node.args[1])], [out], name)
-
-
-@emitter("clip")
-def _emit_clip(w: _Writer, node: fx.Node, out: str, name: str) -> None:
-    """Clip with its bounds as inputs; opset 18 wants one-element bounds."""
-    x, low, high = (list(node.args) + [None, None])[:3]
-    for bound in (low, high):
-        if bound is not None and math.prod(w.shape(bound, f"{node.name!r} (clip)")) != 1:
-            raise ExportError(f"{node.name!r}: Clip bounds must be single values, got shape {w.values[bound].shape}")
-    w.node("Clip", [w.arg(x), w.arg(low), w.arg(high)], [out], name)
-
-
-def _hard_sigmoid(w: _Writer, node: fx.Node, out: str, name: str, ir_op: str | None) -> None:
-    x, alpha, beta = (w.arg(a) for a in node.args[:3])
-    scaled = w.fresh(f"{name}::mul")
-    w.node("Mul", [x, alpha], [scaled], scaled)
-    shifted = w.fresh(f"{name}::add")
-    w.node("Add", [scaled, beta], [shifted], shifted)
-    zero = w.const(f"{name}::zero", np.array(0.0, dtype=np.float32))
-    one = w.const(f"{name}::one", np.array(1.0, dtype=np.float32))
-    w.node("Clip", [shifted, zero, one], [out], name, ir_op=ir_op)
-
-
-@emitter("hard_sigmoid")
-def _emit_hard_sigmoid(w: _Writer, node: fx.Node, out: str, name: str) -> None:
-    """``clip(x * alpha + beta, 0, 1)`` as Mul, Add, Clip (ONNX HardSigmoid takes float attributes)."""
-    _hard_sigmoid(w, node, out, name, "hard_sigmoid")
-
-
-@emitter("hard_swish")
-def _emit_hard_swish(w: _Writer, node: fx.Node, out: str, name: str) -> None:
-    """``x * hard_sigmoid(x, alpha, beta)``."""
-    gate = w.fresh(f"{name}::hard_sigmoid")
-    _hard_sigmoid(w, node, gate, gate, None)
-    w.node("Mul", [w.arg(node.args[0]), gate], [out], name, ir_op="hard_swish")
-
-
-@emitter("sum_pool")
-def _emit_sum_pool(w: _Writer, node: fx.Node, out: str, name: str) -> None:
-    """A depthwise Conv with an all-ones kernel (exact); ceil_mode becomes grown end pads."""
-    x = node.args[0]
-    shape = w.shape(x, f"{node.name!r} (sum_pool)")
-    kw = node.kwargs
-    begins, ends = ops.pool_padding(shape[2:], kw["kernel_shape"], kw["strides"], kw["pads"], kw["dilations"], kw.get("ceil_mode", 0))
-    channels = shape[1]
-    ones = w.const(f"{name}::ones", np.ones((channels, 1, *kw["kernel_shape"]), dtype=np.float32))
-    w.node("Conv", [w.arg(x), ones], [out], name, ir_op="sum_pool", group=channels, strides=list(kw["strides"]),
-           pads=list(begins) + list(ends), dilations=list(kw["dilations"]))
-
-
-@emitter("reduce_sum")
-def _emit_reduce_sum(w: _Writer, node: fx.Node, out: str, name: str) -> None:
-    axes = w.const(f"{name}::axes", _ints(node.kwargs["axes"]))
-    w.node("ReduceSum", [w.arg(node.args[0]), axes], [out], name, keepdims=int(node.kwargs.get("keepdims", 1)))
-
-
-@emitter("reshape")
-def _emit_reshape(w: _Writer, node: fx.Node, out: str, name: str) -> None:
-    x, shape = node.args[0], node.args[1]
-    target = w.arg(shape) if isinstance(shape, fx.Node) else w.const(f"{name}::shape", _ints(shape))
-    w.node("Reshape", [w.arg(x), target], [out], name, allowzero=int(node.kwargs.get("allowzero", 0)))
-
-
-@emitter("squeeze", "unsqueeze")
-def _emit_squeeze(w: _Writer, node: fx.Node, out: str, name: str) -> None:
-    axes = node.kwargs.get("axes")
-    given = "" if axes is None else w.const(f"{name}::axes", _ints(axes))
-    w.node(op_of(node.target).onnx_op, [w.arg(node.args[0]), given], [out], name)
-
-
-@emitter("concat")
-def _emit_concat(w: _Writer, node: fx.Node, out: str, name: str) -> None:
-    w.node("Concat", [w.arg(a) for a in node.args[0]], [out], name, axis=int(node.kwargs["axis"]))
-
-
-def _emit_split(w: _Writer, node: fx.Node, name: str) -> None:
-    """One Split node whose outputs are named after the getitem nodes reading the parts."""
-    kw = node.kwargs
-    parts = {u.args[1]: u for u in node.users if u.target is operator.getitem}
-    count = len(kw["split"]) if kw.get("split") is not None else kw["num_outputs"]
-    outputs = []
-    for k in range(count):
-        if k in parts:
-            w.names[parts[k]] = w.output_name(parts[k])
-            outputs.append(w.names[parts[k]])
-        else:
-            outputs.append(w.fresh(f"{name}::{k}"))
-    sizes = "" if kw.get("split") is None else w.const(f"{name}::split", _ints(kw["split"]))
-    attrs = {"axis": int(kw["axis"])}
-    if kw.get("split") is None:
-        attrs["num_outputs"] = int(kw["num_outputs"])
-    w.node("Split", [w.arg(node.args[0]), sizes], outputs, name, **attrs)
-
-
-@emitter("slice_axes")
-def _emit_slice(w: _Writer, node: fx.Node, out: str, name: str) -> None:
-    kw = node.kwargs
-    bounds = [w.const(f"{name}::{key}", _ints(kw[key])) for key in ("starts", "ends", "axes", "steps")]
-    w.node("Slice", [w.arg(node.args[0]), *bounds], [out], name)
-
-
-@emitter("pad")
-def _emit_pad(w: _Writer, node: fx.Node, out: str, name: str) -> None:
-    pads = w.const(f"{name}::pads", _ints(node.kwargs["pads"]))
-    w.node("Pad", [w.arg(node.args[0]), pads], [out], name, mode=node.kwargs.get("mode", "constant"))
-
-
-@emitter("cast")
-def _emit_cast(w: _Writer, node: fx.Node, out: str, name: str) -> None:
-    """A float-to-float cast keeps the working precision (Identity), as the IR op does."""
-    to = int(node.kwargs["to"])
-    source_float = (node.args[0].meta.get("onnx_dtype") or "float32").startswith(("float", "bfloat"))
-    if source_float and ops.torch_dtype(to).is_floating_point:
-        w.node("Identity", [w.arg(node.args[0])], [out], name)
-    else:
-        w.node("Cast", [w.arg(node.args[0])], [out], name, to=to)
-
-
-@emitter("resize")
-def _emit_resize(w: _Writer, node: fx.Node, out: str, name: str) -> None:
-    kw = node.kwargs
-    attrs = {"mode": "nearest", "coordinate_transformation_mode": kw["coordinate_transformation_mode"],
-             "nearest_mode": kw["nearest_mode"]}
-    if kw.get("sizes") is not None:
-        axes = [a for a, s in enumerate(kw["sizes"]) if s is not None]
-        sizes = w.const(f"{name}::sizes", _ints([kw["sizes"][a] for a in axes]))
-        if len(axes) != len(kw["sizes"]):
-            attrs["axes"] = axes
-        w.node("Resize", [w.arg(node.args[0]), "", "", sizes], [out], name, **attrs)
-    else:
-        scales = w.const(f"{name}::scales", np.asarray(kw["scales"], dtype=np.float32))
-        w.node("Resize", [w.arg(node.args[0]), "", scales], [out], name, **attrs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -589,4 +425,4 @@ def _save_atomically(proto: onnx.ModelProto, path: Path) -> None:
     write_atomic(path, proto.SerializeToString(), what="annotated ONNX model", error=ExportError)
 
 
-__all__ = ["build_annotated", "emitter", "lossless_values", "save_annotated", "write_annotated"]
+__all__ = ["build_annotated", "lossless_values", "save_annotated", "write_annotated"]

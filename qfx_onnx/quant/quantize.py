@@ -4,8 +4,9 @@ The pipeline, each step a plain function:
 
 1. :func:`find_cast_sites` picks the tensors that get a cast: graph inputs, float parameters
    (weights, biases, BatchNorm scale/shift and other constants) and the output of every op that
-   computes (linear, arithmetic and nonlinear ops, and concat). Data-movement ops (reshape,
-   transpose, slice ...) inherit their input's type; shape arithmetic is never quantized.
+   computes, in the role its definition names (``IrOp.cast_role``: linear, arithmetic and
+   nonlinear ops, and concat). Data-movement ops (reshape, transpose, slice ...) inherit their
+   input's type; shape arithmetic is never quantized.
    Intermediate steps of a decomposition (the product inside BatchNorm's ``x*a + b``) stay
    lossless, exactly as HLS keeps full-precision ``auto`` results until an assignment.
 2. :func:`observe` runs calibration data through the float graph and records each site's range
@@ -38,8 +39,6 @@ from qfx_onnx.quant.policy import Policy
 
 log = logging.getLogger(__name__)
 
-ACT_ARITH_OPS = {"relu", "leaky_relu", "prelu", "clip", "hard_sigmoid", "hard_swish"}
-CASTING_MOVE_OPS = {"concat"}  # joins tensors of different types: gets a type of its own
 FLOAT_DTYPES = {"float16", "float32", "float64", "bfloat16"}
 CAST_MODULE_PREFIX = "qfx_cast_"
 
@@ -61,19 +60,12 @@ def _is_float(node: fx.Node) -> bool:
 
 
 def _weight_channel_axis(param: fx.Node) -> int | None:
-    """Output-channel axis of a weight from how its consumer uses it (conv: 0, gemm: by transB)."""
+    """Output-channel axis of a weight from how its consumer uses it (``IrOp.weight_axis``)."""
     for user in param.users:
         op = op_of(user.target)
-        if op is None or user.args[1:2] != (param,):
+        if op is None or user.args[1:2] != (param,) or op.weight_axis is None:
             continue
-        if op.name in ("conv",):
-            return 0
-        if op.name == "conv_transpose":
-            return 1
-        if op.name == "gemm":
-            return 0 if user.kwargs.get("transB", 0) else 1
-        if op.name == "matmul":
-            return -1
+        return op.weight_axis(user.kwargs)
     return None
 
 
@@ -99,10 +91,9 @@ def find_cast_sites(gm: fx.GraphModule) -> list[CastSite]:
                 sites.append(CastSite(node, name, onnx_node, onnx_op, role, axis))
         elif node.op == "call_function":
             op = op_of(node.target)
-            if op is None or op.kind in ("shape",) or (op.kind == "move" and op.name not in CASTING_MOVE_OPS):
+            if op is None or op.cast_role is None:  # data movement and shape ints inherit or have no type
                 continue
-            role = "act" if (op.kind in ("linear", "nonlinear") or op.name in ACT_ARITH_OPS) else "elementwise"
-            sites.append(CastSite(node, name, onnx_node, onnx_op, role))
+            sites.append(CastSite(node, name, onnx_node, onnx_op, op.cast_role))
     return sites
 
 

@@ -1,7 +1,8 @@
 """Lossless type propagation: the exact ``ap_fixed`` type of every value in a fixed-point graph.
 
 Casts fix a type; every other op produces the full-precision type HLS derives for it (``a*b``,
-``a+b``, a sum of K products, max, data movement). This is what makes results independent of
+``a+b``, a sum of K products, max, data movement), by the ``type_rule`` defined beside the op in
+:mod:`qfx_onnx.ir.defs`. This is what makes results independent of
 summation order, tells where float64 (53 bits) and float32 (24 bits) evaluation stay exact, and
 gives the HLS generator a type for every intermediate. Nonlinear ops (sigmoid, softmax ...) give
 no fixed type: their float result is only meaningful after the cast that follows them.
@@ -9,7 +10,6 @@ no fixed type: their float result is only meaningful after the cast that follows
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
 
@@ -18,11 +18,8 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from qfx_onnx.fixed.types import FixedType, accum_type, add_type, mul_type, neg_type, sub_type, union_type
-from qfx_onnx.ir.ops import op_of
-
-_BIT = FixedType(1, 1, signed=False)  # holds 0 and 1
-
+from qfx_onnx.fixed.types import FixedType, union_type
+from qfx_onnx.ir.ops import TypeQuery, op_of
 
 @dataclass
 class ValueInfo:
@@ -59,10 +56,6 @@ def exact_type_of(values: np.ndarray, max_frac: int = 64) -> FixedType | None:
     if bits > 64:
         return None
     return FixedType(bits, bits - frac, signed=signed)
-
-
-def _prod(xs) -> int:
-    return int(math.prod(xs)) if xs else 1
 
 
 def propagate(graph_module: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> dict[fx.Node, ValueInfo]:
@@ -106,68 +99,13 @@ def _t(info: dict[fx.Node, ValueInfo], arg) -> FixedType | None:
 
 
 def _function_type(node: fx.Node, info: dict[fx.Node, ValueInfo]) -> tuple[FixedType | None, int]:
+    """The op's own type rule (:attr:`~qfx_onnx.ir.opdef.IrOp.type_rule`) on its inputs' types."""
     if node.target is operator.getitem:
         return _t(info, node.args[0]), 1
     op = op_of(node.target)
-    if op is None or op.kind in ("shape", "nonlinear"):
+    if op is None:
         return None, 1
-    args = node.args
-    types = [_t(info, a) for a in args if isinstance(a, fx.Node)]
+    types = [_t(info, a) for a in node.args if isinstance(a, fx.Node)]
     if op.kind in ("linear", "arith") and any(t is None for t in types):
         return None, 1  # a float operand somewhere upstream: nothing exact to say
-    name = op.name
-    if name in ("conv", "conv_transpose"):
-        w_shape = info[args[1]].shape
-        terms = _prod(w_shape[1:]) if name == "conv" else _prod(w_shape[2:]) * w_shape[0] // node.kwargs["group"]
-        return _bias(accum_type(mul_type(types[0], types[1]), terms), args, info), terms
-    if name == "gemm":
-        a_shape = info[args[0]].shape
-        terms = a_shape[0] if node.kwargs.get("transA", 0) else a_shape[-1]
-        return _bias(accum_type(mul_type(types[0], types[1]), terms), args, info), terms
-    if name == "matmul":
-        terms = info[args[0]].shape[-1]
-        return accum_type(mul_type(types[0], types[1]), terms), terms
-    if name == "add":
-        return add_type(*types), 1
-    if name == "sub":
-        return sub_type(*types), 1
-    if name == "mul":
-        return mul_type(*types), 1
-    if name == "nary_sum":
-        out = types[0]
-        for t in types[1:]:
-            out = add_type(out, t)
-        return out, len(types)
-    if name == "neg":
-        return neg_type(types[0]), 1
-    if name in ("relu", "max_pool", "global_max_pool"):
-        return types[0], 1
-    if name in ("leaky_relu", "prelu"):
-        return union_type(types[0], mul_type(types[0], types[1])), 1
-    if name == "clip":
-        return union_type(*types), 1
-    if name == "hard_sigmoid":
-        return union_type(add_type(mul_type(types[0], types[1]), types[2]), _BIT), 1
-    if name == "hard_swish":
-        return mul_type(types[0], union_type(add_type(mul_type(types[0], types[1]), types[2]), _BIT)), 1
-    if name == "sum_pool":
-        terms = _prod(node.kwargs["kernel_shape"])
-        return accum_type(types[0], terms), terms
-    if name == "reduce_sum":
-        in_shape = info[args[0]].shape
-        axes = node.kwargs.get("axes") or range(len(in_shape))
-        terms = _prod([in_shape[a] for a in axes])
-        return accum_type(types[0], terms), terms
-    if name == "concat":
-        inputs = [info[a].type for a in args[0]]
-        return (union_type(*inputs) if all(t is not None for t in inputs) else None), 1
-    if op.kind == "move":
-        return (types[0] if types else None), 1
-    return None, 1
-
-
-def _bias(acc: FixedType, args, info) -> FixedType:
-    bias = args[2] if len(args) > 2 else None
-    if isinstance(bias, fx.Node) and info[bias].type is not None:
-        return add_type(acc, info[bias].type)
-    return acc
+    return op.type_rule(TypeQuery(node, types, info))
