@@ -29,7 +29,7 @@ from qfx_onnx.atomic import current_umask
 from qfx_onnx.errors import ExportError
 from qfx_onnx.fixed.types import FixedType
 from qfx_onnx.hls import codegen
-from qfx_onnx.hls.cpp_layers import LAYERS_H
+from qfx_onnx.hls.files import header
 from qfx_onnx.hls.csim import CsimResult, run_csim
 from qfx_onnx.hls.estimate import estimate
 from qfx_onnx.hls.export import ExportOptions, build_hls_model
@@ -141,7 +141,7 @@ def render_files(model: HlsModel, report: dict, params: dict, in_codes: np.ndarr
              n_vectors=len(in_codes))
     files = {
         "firmware/defines.h": codegen.render_defines(p),
-        "firmware/layers.h": LAYERS_H,
+        "firmware/layers.h": header("layers.h"),
         "firmware/parameters.h": codegen.render_parameters(p),
         f"firmware/{model.top}.h": codegen.render_top_h(p),
         f"firmware/{model.top}.cpp": codegen.render_top_cpp(p),
@@ -152,6 +152,8 @@ def render_files(model: HlsModel, report: dict, params: dict, in_codes: np.ndarr
         "README.md": codegen.render_readme(p),
         "report.json": json.dumps(report, indent=2) + "\n",
     }
+    for name in codegen.kind_headers(model.layers):  # the templates of layer kinds beyond layers.h
+        files[f"firmware/{name}"] = header(name)
     for c in model.constants:
         files[f"firmware/weights/{c.ident}.h"] = codegen.render_weight(c)
     return files
