@@ -30,7 +30,7 @@ from qfx_onnx.fixed.quantizer import FixedQuantizer
 from qfx_onnx.fixed.types import OverflowMode, QuantMode
 from qfx_onnx.importer.reader import weight_free
 from qfx_onnx.ir import ops
-from qfx_onnx.ir.ops import op_of
+from qfx_onnx.ir.ops import IR_OPS, op_of
 from qfx_onnx.quant.annotated import (
     FORMAT_VERSION, INV_SCALE_SUFFIX, KEY_ROLE, KEY_TYPE, LOSSLESS, META_SOURCE, META_VERSION, NODE_IR_OP, QUANT_SUFFIX, RAW_SUFFIX,
     SCALE_SUFFIX, khot_entries, type_entries,
@@ -169,6 +169,8 @@ class _Writer:
         self._node_names.add(name)
         node = helper.make_node(op_type, inputs, list(outputs), name=name, domain=domain or None, **attrs)
         if ir_op is not None:
+            if getattr(IR_OPS.get(ir_op), "restore", None) is None:  # the reader could not turn it back
+                raise ExportError(f"{name!r}: emission tagged {ir_op!r}, an IR op without a restore rule")
             entry = node.metadata_props.add()
             entry.key, entry.value = NODE_IR_OP, ir_op
         self.nodes.append(node)
