@@ -232,3 +232,88 @@ def test_a_new_op_is_one_definition(toy_op, tmp_path):
     assert " * v1 + " in parameters or "v2 = v1 * v1 + " in parameters
     dense = result.report["layers"][0]
     assert sum(m["count"] for m in dense["multiplies"].values()) == 4 * 6 + 4
+
+
+# ------------------------------------------------------------------------------------ a new layer kind
+def _halves_type(q: TypeQuery):
+    return add_type(q.types[0], q.types[0]), 2
+
+
+def _build_halves(builder, ident, group, out):
+    from qfx_onnx.hls.kinds import MapParams
+    from qfx_onnx.hls.model import Layer
+
+    x = group.head.args[0]
+    return Layer(ident, "toy_halves", [builder.buffer(x)], out, builder.ctype(group.head, "accumulator"),
+                 params=MapParams(int(np.prod(builder.shape(group.head)))))
+
+
+def _halves_config(layer, options):
+    n = layer.params.n_out
+    x_t = layer.inputs[0].ctype.ident
+    run = (f"static void run(const {x_t} x[{2 * n}], res_t y[{n}]) {{\n"
+           f"  for (int i = 0; i < {n}; i++) y[i] = epilogue(head_t(x[i]) + head_t(x[i + {n}]), i);\n}}")
+    return [run], [], set()
+
+
+@pytest.fixture
+def toy_kind():
+    from qfx_onnx.hls.kinds import LayerKind, layer_kind
+
+    def toy_sum_halves(x):
+        """The first half of the last axis plus the second half."""
+        n = x.shape[-1] // 2
+        return x[..., :n] + x[..., n:]
+
+    layer_kind(LayerKind("toy_halves", _build_halves, _halves_config,
+                         lambda layer, cfg, array: [f"{cfg}::run({array(layer.inputs[0])}, {array(layer.output)});"]))
+    ir_op("arith", None, type_rule=_halves_type, hls=HlsForm.head("toy_halves"))(toy_sum_halves)
+    yield IR_OPS["toy_sum_halves"]
+    opdef.remove("toy_sum_halves")
+    del LAYER_KINDS["toy_halves"]
+
+
+def test_a_new_layer_kind_is_one_registration(toy_kind, tmp_path):
+    """An op heading a layer kind defined here: its C++ config, its call, its estimate and its
+    fused cast, C-simulated bit-exact against the emulation."""
+    rng = np.random.default_rng(1)
+    init = onnx.numpy_helper.from_array((rng.standard_normal((8, 6)) * 0.5).astype(np.float32), "W")
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["g"], name="dense", transB=1),
+                               helper.make_node("Relu", ["g"], ["y"], name="relu")], "halves",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], [init])
+    gm = load_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8))
+    relu = next(n for n in gm.graph.nodes if op_of(n.target) is IR_OPS["relu"])
+    relu.target = toy_kind.fn  # y = g[:, :4] + g[:, 4:], then its own cast (role elementwise)
+    gm.recompile()
+    x = torch.from_numpy(rng.standard_normal((32, 6)).astype(np.float32))
+    fpm = quantize_graph(gm, [x])
+    result = export_hls(fpm, tmp_path / "prj", data=(x,), n_vectors=32, csim=True)
+    assert result.csim.passed and result.csim.mismatches == 0
+    layer = next(e for e in result.report["layers"] if e["kind"] == "toy_halves")
+    assert layer["iterations"] == 4 and layer["op"] == "toy_sum_halves"
+    assert "config_" in (tmp_path / "prj" / "firmware" / "myproject.cpp").read_text().split("::run(")[0]
+
+
+def test_templates_and_op_packages_are_installed_with_the_package():
+    """pyproject lists every subpackage and its package-data globs cover every template file; the
+    files are read through importlib.resources (what a wheel install sees), not repository paths."""
+    import fnmatch
+    import tomllib
+    from importlib import resources
+    from pathlib import Path
+
+    import qfx_onnx
+    from qfx_onnx.hls import files
+
+    root = Path(qfx_onnx.__file__).parent
+    config = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    subpackages = {".".join(p.parent.relative_to(root.parent).parts) for p in root.rglob("__init__.py")}
+    assert subpackages <= set(config["packages"])
+    globs = config["package-data"]["qfx_onnx.hls"]
+    shipped = [p for p in (root / "hls" / "templates").iterdir() if p.is_file()]
+    assert shipped and all(any(fnmatch.fnmatch(f"templates/{p.name}", g) for g in globs) for p in shipped)
+    for p in shipped:
+        if p.suffix == ".h":
+            assert files.header(p.name) == resources.files("qfx_onnx.hls").joinpath("templates", p.name).read_text()
+    assert "jinja2" in " ".join(tomllib.loads((root.parent / "pyproject.toml").read_text())["project"]["dependencies"])

@@ -90,7 +90,7 @@ def find_unsupported(gm: fx.GraphModule, const: set[fx.Node]) -> list[str]:
             bad.append(f"{op_name(node)} ({label(node)})")
         elif isinstance(op.hls, NoHls):
             bad.append(f"{op.onnx_op or op.name} [{op.name}] ({label(node)}): {op.hls.reason}")
-        elif op.hls.place == "head" and op.hls.layer not in LAYER_KINDS:
+        elif op.hls.place == "head" and isinstance(op.hls.layer, str) and op.hls.layer not in LAYER_KINDS:
             bad.append(f"{op.onnx_op or op.name} [{op.name}] ({label(node)}): layer kind {op.hls.layer!r} is not registered")
     return bad
 
@@ -266,10 +266,13 @@ class _Builder(HeadsMixin):
         elif form.place == "remap":
             self._move(node, data[0])
         elif form.place == "head":
-            kind = LAYER_KINDS[form.layer]
+            name = form.layer(self, node, data) if callable(form.layer) else form.layer
+            kind = LAYER_KINDS.get(name)
+            if kind is None:
+                raise ExportError(f"node {label(node)}: op {op.name} heads a layer of kind {name!r}, which is not registered")
             if kind.check is not None:
                 kind.check(self, node, data)
-            self._new_group(form.layer, node, data, self.shape(node))
+            self._new_group(name, node, data, self.shape(node))
         elif form.place == "step":
             if len(data) == 1:
                 self._chain(node, data[0])

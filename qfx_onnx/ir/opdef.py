@@ -14,6 +14,8 @@ field               used by
 ``restore``         :mod:`qfx_onnx.quant.annotated_read`: the op back from a tagged emission
 ``hls``             :mod:`qfx_onnx.hls.export` / ``heads`` / ``codegen`` / ``estimate``: how the op
                     is placed in a layer, its C++ and its cost; or :class:`NoHls` with the reason
+``weight_axis``     :mod:`qfx_onnx.quant.quantize`: the output-channel axis of a weight input
+``multi_output``    the writer and the HLS exporter: a tuple result read by getitem (split)
 ==================  =================================================================================
 
 How to add an IR op
@@ -27,9 +29,9 @@ import list), holding, side by side:
    for the result from ``q.types`` (the tensor arguments' types) and ``q.shape(arg)``. Required for
    ``linear`` and ``arith`` ops; ``move`` ops default to their input's type, ``nonlinear`` and
    ``shape`` ops to None (a float result, meaningful only after the cast that follows);
-3. ``weight_axis=`` for an op whose second input may be a weight: ``kwargs -> axis`` of its
-   output channels (per-channel weight types); ``cast_role=`` when the default of the kind is wrong (``arith`` defaults to ``"elementwise"``;
-   an activation such as relu says ``"act"``);
+3. ``cast_role=`` when the kind's default is wrong (``arith`` defaults to ``"elementwise"``, an
+   activation such as relu says ``"act"``); ``weight_axis=`` for an op whose second input may be
+   a weight: ``kwargs -> axis`` of its output channels (per-channel weight types);
 4. ``emit=`` when the op is not its ``onnx_op`` with its keyword attributes copied
    (``emit(w, node, out, name)``, writing ONNX nodes through the writer ``w``: ``w.node``,
    ``w.arg``, ``w.const``, ``w.fresh``, ``w.shape``). An emission of several nodes tags its last
@@ -41,14 +43,18 @@ import list), holding, side by side:
      (or the head of a map layer on 1-3 arrays); ``cpp(T, var, args, temps) -> [C++ statements]``
      computing ``T var`` from the operand expressions ``args`` (None: an absent optional input);
      ``products``: multiplications per output element (the resource estimate);
-   * ``HlsForm.table(fn)``: a nonlinear op followed by one cast, evaluated through a lookup table
-     indexed by the raw bits of its input: ``fn(x, **kwargs)`` (default the op itself) is run on
-     every code of the input type and the cast gives the table entries (exact ``FixedType``
-     values, computed once); the table is counted in the estimate as a constant array;
+   * ``HlsForm.table_of(fn)``: a one-input op followed by one cast, evaluated in HLS through a
+     lookup table indexed by the raw bits of its input (at most 16): ``fn(x, **kwargs)`` (default
+     the op itself, float64 values of every code of the input type) then the cast give the table
+     entries (exact ``FixedType`` codes, computed once), so the C++ equals the emulation whatever
+     ``fn`` computes, including an exact fixed-point kernel with tables of its own; the table is
+     counted in the estimate as a constant array (LUT or BRAM by its size);
    * ``HlsForm.head("kind")``: the op heads a layer of a layer kind registered with
      :func:`qfx_onnx.hls.kinds.layer_kind` (``build``, ``config``, ``call``, ``iterations`` and
      the C++ ``header`` file under ``qfx_onnx/hls/templates/``). A new layer kind is defined in
-     the op's own module with its header file beside the others;
+     the op's own module with its header file beside the others. ``"kind"`` may be a function
+     ``(builder, node, data nodes) -> kind`` choosing by the graph (a MatMul of a weight is a
+     dense layer, of two activations another kind);
    * ``HlsForm.alias()`` / ``HlsForm.remap()``: data movement (an alias of the input array, or an
      index table found by running the op on indices);
    * ``NoHls("reason")``: refused by design; export-hls names the node, the op and the reason.
@@ -103,7 +109,7 @@ class HlsForm:
     """How the HLS exporter places an op (see the module docstring, step 5)."""
 
     place: Literal["alias", "remap", "split", "head", "step", "table", "shape"]
-    layer: str | None = None  # head: the layer kind (qfx_onnx.hls.kinds.LAYER_KINDS)
+    layer: str | Callable | None = None  # head: the layer kind, or (builder, node, data nodes) -> kind
     cpp: CppRule | None = None  # step: C++ statements
     temps: Callable[[list], dict] | None = None  # step: operand types -> {name: FixedType} of its temporaries
     products: int = 0  # step: multiplications per output element
@@ -118,7 +124,7 @@ class HlsForm:
         return HlsForm("remap")
 
     @staticmethod
-    def head(layer: str) -> "HlsForm":
+    def head(layer: str | Callable) -> "HlsForm":
         return HlsForm("head", layer=layer)
 
     @staticmethod

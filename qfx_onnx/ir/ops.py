@@ -23,7 +23,7 @@ Contract (every pass relies on it):
   (see :mod:`qfx_onnx.ir.opdef` for the record and "How to add an IR op"). This module is the
   namespace every caller uses: ``ops.conv``, ``op_of``, ``IR_OPS``.
 * ``onnx_op`` is the ONNX op type the annotated-ONNX writer emits by default, copying the op's
-  keyword attributes to ONNX attributes; ops that need a different emission register an emitter.
+  keyword attributes to ONNX attributes; ops that need a different emission define ``emit``.
   Keyword attributes are normalized at import: explicit ``pads`` (auto_pad resolved), non-negative
   axes where the rank is known, and values that ONNX passes as constant inputs in newer opsets
   (``axes``, ``starts``, ``scales`` ...) become keyword lists too. ``sum_pool`` has no ONNX op of
