@@ -142,14 +142,13 @@ class HeadsMixin:
         node = g.head
         x, w_node = node.args[0], node.args[1]
         c_node = node.args[2] if len(node.args) > 2 else None
-        name = op_name(node)
         x_shape, out_shape = self.shape(x), self.shape(node)
-        if name == "gemm" and node.kwargs.get("transA", 0):
+        if node.kwargs.get("transA", 0):  # gemm's keywords; matmul has none
             raise ExportError(f"node {label(node)}: Gemm with transA=1 has no HLS form")
         w = self._weight(w_node)
         if len(w.shape) != 2:
             raise ExportError(f"node {label(node)}: MatMul weight must be 2-D, got {w.shape}")
-        trans_b = name == "gemm" and node.kwargs.get("transB", 0)
+        trans_b = node.kwargs.get("transB", 0)
         n_in = x_shape[-1]
         n_out = out_shape[-1]
         if w.shape != ((n_out, n_in) if trans_b else (n_in, n_out)):
@@ -203,20 +202,21 @@ class HeadsMixin:
         begins, _ = pool_padding(x_shape[2:], kw["kernel_shape"], kw["strides"], kw["pads"], kw["dilations"],
                                  kw.get("ceil_mode", 0))
         geo = _geometry(x_shape[2:], out_shape[2:], tuple(kw["kernel_shape"]), kw["strides"], begins, kw["dilations"])
-        params = PoolParams(x_shape[1], op_name(node) == "max_pool", geo)
+        params = PoolParams(x_shape[1], op_of(node.target).hls.options.get("is_max", False), geo)
         return Layer(ident, "pool", [self.buffer(x)], out, self.ctype(node, "accumulator"), params=params)
 
     def _layer_reduce(self, ident: str, g: _Group, out: Buffer) -> Layer:
         node = g.head
         x = node.args[0]
         x_shape = self.shape(x)
-        axes = node.kwargs.get("axes") if op_name(node) == "reduce_sum" else list(range(2, len(x_shape)))
+        axes = node.kwargs.get("axes") or list(range(2, len(x_shape)))  # no axes: every spatial axis (global pool)
         axes = sorted(a % len(x_shape) for a in axes)
         strides = [int(np.prod(x_shape[d + 1:])) for d in range(len(x_shape))]
         kept = [(x_shape[d], strides[d]) for d in range(len(x_shape)) if d not in axes]
         red = [(x_shape[d], strides[d]) for d in axes]
         params = ReduceParams(int(np.prod(x_shape)), int(np.prod([s for s, _ in kept])), int(np.prod([s for s, _ in red])),
-                              op_name(node) == "global_max_pool", mixed_radix("o", kept), mixed_radix("r", red))
+                              op_of(node.target).hls.options.get("is_max", False), mixed_radix("o", kept),
+                              mixed_radix("r", red))
         return Layer(ident, "reduce", [self.buffer(x)], out, self.ctype(node, "accumulator"), params=params)
 
     def _layer_remap(self, ident: str, g: _Group, out: Buffer) -> Layer:

@@ -114,6 +114,7 @@ class HlsForm:
     temps: Callable[[list], dict] | None = None  # step: operand types -> {name: FixedType} of its temporaries
     products: int = 0  # step: multiplications per output element
     table: Callable | None = None  # table: the function tabulated (None: the op's own)
+    options: dict = field(default_factory=dict, hash=False)  # head: what its layer kind reads (pool: is_max)
 
     @staticmethod
     def alias() -> "HlsForm":
@@ -124,8 +125,8 @@ class HlsForm:
         return HlsForm("remap")
 
     @staticmethod
-    def head(layer: str | Callable) -> "HlsForm":
-        return HlsForm("head", layer=layer)
+    def head(layer: str | Callable, **options) -> "HlsForm":
+        return HlsForm("head", layer=layer, options=options)
 
     @staticmethod
     def step(cpp: CppRule, *, products: int = 0, temps: Callable[[list], dict] | None = None) -> "HlsForm":

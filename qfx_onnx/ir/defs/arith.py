@@ -266,7 +266,7 @@ def hard_swish(x, alpha, beta):
     return x * hard_sigmoid(x, alpha, beta)
 
 
-@ir_op("arith", "MaxPool", type_rule=_first, hls=HlsForm.head("pool"))
+@ir_op("arith", "MaxPool", type_rule=_first, hls=HlsForm.head("pool", is_max=True))
 def max_pool(x, *, kernel_shape, strides, pads, dilations, ceil_mode=0):
     """ONNX MaxPool (single output): padding is -inf, ``ceil_mode`` keeps partial windows."""
     rank = spatial_rank(x, "max_pool")
@@ -275,7 +275,7 @@ def max_pool(x, *, kernel_shape, strides, pads, dilations, ceil_mode=0):
     return MAX_POOL[rank](x, tuple(kernel_shape), tuple(strides), 0, tuple(dilations))
 
 
-@ir_op("arith", "GlobalMaxPool", type_rule=_first, hls=HlsForm.head("reduce"))
+@ir_op("arith", "GlobalMaxPool", type_rule=_first, hls=HlsForm.head("reduce", is_max=True))
 def global_max_pool(x):
     """The max over every spatial dim, kept as size-1 dims."""
     return torch.amax(x, dim=tuple(range(2, x.dim())), keepdim=True)
