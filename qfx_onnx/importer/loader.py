@@ -20,7 +20,7 @@ import onnx
 from torch import fx
 
 from qfx_onnx.errors import OnnxModelError
-from qfx_onnx.importer import elementwise_ops, linear_ops, pool_ops, shape_ops, spatial_ops  # noqa: F401 - registers converters
+from qfx_onnx.importer import elementwise_ops, linear_ops, nonlinear_ops, pool_ops, shape_ops, spatial_ops  # noqa: F401 - registers converters
 from qfx_onnx.importer.batch import generalize_batch
 from qfx_onnx.importer.context import GraphBuilder, NodeContext, OnnxInfo, Producer, TensorInfo
 from qfx_onnx.importer.fold import FoldResult, Partial, fold_constants
