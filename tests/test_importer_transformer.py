@@ -152,6 +152,7 @@ def test_erf_gelu_is_recognised(order):
     assert not [n for n in gm.graph.nodes if n.op == "get_attr"] and not dict(gm.named_parameters())
     (gelu,) = [n for n in gm.graph.nodes if n.op == "call_function"]
     assert gelu.meta["onnx_name"] == "y" and gelu.meta["role"] == "activation"
+    assert gelu.meta["fused_from"] == sorted(f"{n.op_type}_{i}" for i, n in enumerate(nodes))
 
 
 @pytest.mark.parametrize("cube_order", [("x", "sq"), ("sq", "x")])
