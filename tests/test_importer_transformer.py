@@ -129,6 +129,18 @@ def test_matmul_of_two_activations():
     assert [a.op for a in matmul.args] == ["placeholder", "placeholder"]
 
 
+def test_softmax_written_out():
+    """A user's stable softmax: ``exp(x - max(x)) / sum(exp(x - max(x)))`` (ReduceMax, Exp, Div by an activation)."""
+    nodes = [
+        helper.make_node("ReduceMax", ["x"], ["m"], axes=[-1]), helper.make_node("Sub", ["x", "m"], ["d"]),
+        helper.make_node("Exp", ["d"], ["e"]), helper.make_node("ReduceSum", ["e", "axes"], ["s"]),
+        helper.make_node("Div", ["e", "s"], ["y"]),
+    ]
+    model = make_model(nodes, [value_info("x", (2, 4, 8))], ["y"], initializers={"axes": np.array([-1], np.int64)})
+    gm = assert_matches_ort(model, {"x": normal(2, 4, 8, scale=4.0)})
+    assert call_targets(gm) == ["reduce_max", "sub", "exp", "reduce_sum", "div"]
+
+
 # ------------------------------------------------------------------------------------------ recognised decompositions
 def _gelu_nodes(order: str, half: float = 0.5) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray]]:
     """``x * 0.5 * (1 + erf(x / sqrt2))`` as TorchScript (``ts``), dynamo (``dynamo``) or
