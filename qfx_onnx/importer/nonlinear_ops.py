@@ -60,7 +60,7 @@ POW_EXPONENTS = (0.5, 1.0, 2.0, 3.0, -1.0)
 
 @converter("Pow", since=7)
 def convert_pow(ctx: NodeContext) -> None:
-    """Pow by a constant exponent (one value, any shape) from :data:`POW_EXPONENTS`: ``x^2`` is
+    """Pow by a one-element constant exponent from :data:`POW_EXPONENTS`: ``x^2`` is
     ``mul(x, x)`` (the variance in TorchScript's LayerNorm), ``x^3`` ``mul(mul(x, x), x)``."""
     value = ctx.const(1, "Y (the exponent)")
     exponent = np.unique(value.astype(np.float64))
