@@ -1,8 +1,8 @@
-"""Train the four demo models on models/digits.npz and export them to ONNX.
+"""Train the five demo models on models/digits.npz and export them to ONNX.
 
 Run after ``python models/make_dataset.py``: ``python models/train.py``. Writes, each atomically:
 
-* ``models/{mlp,cnn,resnet,dscnn}.onnx``: opset 17, input ``input`` (batch, 1, 8, 8) float32 with a
+* ``models/{mlp,cnn,resnet,dscnn,transformer}.onnx``: opset 17, input ``input`` (batch, 1, 8, 8) float32 with a
   dynamic batch, output ``logits`` (batch, 10) with no softmax. BatchNormalization stays a node
   (exported with constant folding off), so the tool sees it as an element-wise affine.
 * ``models/accuracy.json``: per model its float test accuracy (onnxruntime, test split),
@@ -34,12 +34,18 @@ import torch
 from torch import nn
 
 from qfx_onnx.data import load_arrays
+from qfx_onnx.train.batches import validation_indices
 
 HERE = Path(__file__).resolve().parent
 
 SEED = 1234
 OPSET = 17
 EPOCHS = 60
+VALIDATION_FRACTION = 0.15
+SELECTED_ON_VALIDATION = {"transformer"}
+"""Models whose kept weights are those of the epoch of best accuracy on a stratified validation
+part of the training split (never the test split). The four older models keep their fixed-epoch
+training on the whole training split, so that they (and their recorded numbers) stay as shipped."""
 BATCH = 32
 LR = 3e-3
 WEIGHT_DECAY = 1e-4
@@ -115,11 +121,72 @@ def make_dscnn() -> nn.Module:
     )
 
 
+class SelfAttention(nn.Module):
+    """Multi-head softmax attention written out as the ops a user writes: Q/K/V Linear, split into
+    heads (reshape, transpose), scores ``q @ k^T`` times ``1/sqrt(head_dim)``, softmax over keys,
+    context ``weights @ v``, heads merged (transpose, reshape), output Linear."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.scale = self.head_dim ** -0.5
+        self.q, self.k, self.v, self.out = (nn.Linear(width, width) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, width = x.shape
+
+        def split(y: torch.Tensor) -> torch.Tensor:  # (batch, heads, tokens, head_dim)
+            return y.reshape(batch, tokens, self.heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        weights = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * self.scale, dim=-1)
+        context = torch.matmul(weights, v).transpose(1, 2).reshape(batch, tokens, width)
+        return self.out(context)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm encoder layer: ``x + attention(LN(x))``, then ``x + MLP(LN(x))`` (GELU, exact)."""
+
+    def __init__(self, width: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1, self.attention = nn.LayerNorm(width), SelfAttention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class DigitsTransformer(nn.Module):
+    """Each 8-pixel image row is a token: (batch, 1, 8, 8) -> 8 tokens of 8 features, Linear
+    embedding to ``width`` plus a learned positional embedding, ``layers`` encoder layers, a final
+    LayerNorm, the mean over tokens, Linear to 10 logits."""
+
+    def __init__(self, width: int = 32, heads: int = 4, hidden: int = 64, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, width)
+        self.position = nn.Parameter(0.02 * torch.randn(1, 8, width))
+        self.layers = nn.Sequential(*(EncoderLayer(width, heads, hidden) for _ in range(layers)))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(torch.flatten(x, 1, 2)) + self.position
+        return self.head(self.norm(self.layers(tokens)).mean(dim=1))
+
+
+def make_transformer() -> nn.Module:
+    """2 pre-norm encoder layers, width 32, 4 heads, GELU MLP 64, on 8 row tokens."""
+    return DigitsTransformer()
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "mlp": make_mlp,
     "cnn": make_cnn,
     "resnet": make_resnet,
     "dscnn": make_dscnn,
+    "transformer": make_transformer,
 }
 
 
@@ -135,15 +202,28 @@ def shift_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> None:
-    """Fit ``model`` in place: AdamW, one-cycle LR, shift augmentation, fixed epochs."""
+def accuracy_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """The fraction of rows of ``x`` whose argmax logit is the label (eval mode, no gradients)."""
+    model.eval()
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).double().mean())
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int,
+          validation: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
+    """Fit ``model`` in place: AdamW, one-cycle LR, shift augmentation, fixed epochs.
+
+    With ``validation`` rows, the weights kept are those after the epoch of best validation
+    accuracy (the earliest on ties); returns that epoch (1-based), else ``EPOCHS``.
+    """
+    best_epoch, best_accuracy, best_state = EPOCHS, -1.0, None
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     steps_per_epoch = (len(x) + BATCH - 1) // BATCH
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=EPOCHS * steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    for _ in range(EPOCHS):
+    for epoch in range(1, EPOCHS + 1):
+        model.train()
         order = torch.randperm(len(x), generator=gen)
         for start in range(0, len(x), BATCH):
             rows = order[start:start + BATCH]
@@ -152,17 +232,31 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> None
             loss.backward()
             opt.step()
             sched.step()
+        if validation is not None:
+            accuracy = accuracy_of(model, *validation)
+            if accuracy > best_accuracy:
+                best_epoch, best_accuracy = epoch, accuracy
+                best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
+    return best_epoch
+
+
+KEEP_BATCHNORM = {"mlp", "cnn", "resnet", "dscnn"}
+"""Models exported without constant folding, so that BatchNormalization stays a node. The
+transformer is exported as users usually do, folded (its weights stored pre-transposed)."""
 
 
 def export_onnx(model: nn.Module, name: str) -> onnx.ModelProto:
-    """The trained model as a checked ONNX ModelProto with BatchNormalization kept as nodes."""
+    """The trained model as a checked ONNX ModelProto (BatchNormalization kept as nodes in the
+    models of :data:`KEEP_BATCHNORM`)."""
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             model, (torch.zeros(1, 1, 8, 8),), buf,
-            dynamo=False, opset_version=OPSET, do_constant_folding=False,
+            dynamo=False, opset_version=OPSET, do_constant_folding=name not in KEEP_BATCHNORM,
             training=torch.onnx.TrainingMode.EVAL,
             input_names=["input"], output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
@@ -236,6 +330,13 @@ ARCHITECTURES = {
     "dscnn": "Stem Conv+BN+ReLU (16), depthwise 3x3 (group=16) + pointwise 1x1 to 32, AveragePool 2, "
              "depthwise 3x3 (group=32) + pointwise 1x1 to 64 (each Conv followed by BN+ReLU), "
              "GlobalAveragePool, Gemm 64 -> 10.",
+    "transformer": "Encoder on 8 tokens (the image rows, 8 pixels each): MatMul+Add embedding to width 32 "
+                   "plus a learned positional embedding, 2 pre-norm layers (LayerNormalization; 4-head softmax "
+                   "attention written out as Q/K/V MatMul, Reshape/Transpose into heads, MatMul, Mul by "
+                   "1/sqrt(8), Softmax, MatMul, merge, output MatMul; residual Add; LayerNormalization; MLP "
+                   "32 -> 64 -> 32 with exact GELU as Div/Erf/Add/Mul; residual Add), final LayerNormalization, "
+                   "ReduceMean over tokens, Gemm 32 -> 10. Kept weights: the epoch of best accuracy on a "
+                   "stratified 15% validation part of the training split.",
 }
 
 README = """# Demo dataset and models
@@ -263,7 +364,7 @@ file so every tool and test uses the same rows. Use it as `models/digits.npz` wi
 ## Models
 
 All take `input` float32 (batch, 1, 8, 8) with a dynamic batch and return `logits` (batch, 10), no
-softmax. ONNX opset {opset}; BatchNormalization nodes are kept (not folded into Conv). Accuracy is
+softmax on the logits. ONNX opset {opset}; BatchNormalization nodes are kept (not folded into Conv). Accuracy is
 the float model run in onnxruntime on the {n_test}-image test split.
 
 | model | file | parameters | initializer values | ops | float test accuracy | train time (s) |
@@ -284,8 +385,10 @@ python models/make_dataset.py && python models/train.py
 `make_dataset.py` rewrites a byte-identical `digits.npz`. `train.py` is deterministic (one CPU
 thread, fixed seeds, `torch.use_deterministic_algorithms(True)`, {epochs} epochs of AdamW with a
 one-cycle learning rate and random one-pixel shifts); hyperparameters were fixed before looking at
-the test split. It uses the TorchScript exporter (`torch.onnx.export(..., dynamo=False,
-do_constant_folding=False)`), checks each model with `onnx.checker` and compares onnxruntime with
+the test split. The transformer trains on 85% of the training split and keeps the weights of the
+epoch of best accuracy on the other 15% (stratified, seeded); the other models train on the whole
+training split for the fixed epochs. It uses the TorchScript exporter (`torch.onnx.export(..., dynamo=False,
+do_constant_folding=False)`; the transformer with constant folding on), checks each model with `onnx.checker` and compares onnxruntime with
 torch. `tests/test_models_zoo.py` checks every model against `accuracy.json`.
 """
 
@@ -316,8 +419,14 @@ def main() -> None:
     for index, (name, make) in enumerate(MODELS.items()):
         torch.manual_seed(SEED + index)
         model = make()
+        x_fit, y_fit, validation = x_train, y_train, None
+        if name in SELECTED_ON_VALIDATION:
+            val_idx = validation_indices(len(y_train), VALIDATION_FRACTION, SEED, y_train)
+            fit = torch.ones(len(y_train), dtype=torch.bool)
+            fit[val_idx] = False
+            x_fit, y_fit, validation = x_train[fit], y_train[fit], (x_train[val_idx], y_train[val_idx])
         start = time.perf_counter()
-        train(model, x_train, y_train, SEED + index)
+        epoch = train(model, x_fit, y_fit, SEED + index, validation)
         seconds = time.perf_counter() - start
         proto = export_onnx(model, name)
         model_bytes = proto.SerializeToString()
@@ -330,6 +439,9 @@ def main() -> None:
         accuracy = float((logits.argmax(1) == y_test.numpy()).mean())
         save_atomic(HERE / f"{name}.onnx", model_bytes)
         results[name] = describe(name, model, proto, accuracy, seconds)
+        if validation is not None:
+            results[name]["selected_epoch"] = epoch
+            results[name]["validation_accuracy"] = round(accuracy_of(model, *validation), 4)
         log.info("%s: test accuracy %.2f%%, %d parameters, %.1f s, max |ort - torch| %.2g",
                  name, 100 * accuracy, results[name]["parameters"], seconds, diff)
     summary = {

@@ -51,7 +51,7 @@ def test_every_shipped_model_is_recorded() -> None:
     shipped = tracked_models()
     if shipped is not None:
         assert shipped == recorded
-    assert set(NAMES) == {"mlp", "cnn", "resnet", "dscnn"}
+    assert set(NAMES) == {"mlp", "cnn", "resnet", "dscnn", "transformer"}
 
 
 def test_dataset_layout(digits: dict[str, np.ndarray]) -> None:
@@ -79,7 +79,9 @@ def test_model_is_valid_onnx_with_recorded_ops(name: str) -> None:
     for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     assert ops == info["ops"]
-    assert "Softmax" not in ops and "Identity" not in ops
+    assert "Identity" not in ops
+    assert model.graph.node[-1].op_type != "Softmax"  # logits, not probabilities
+    assert ("Softmax" in ops) == (name == "transformer")  # the attention weights
     assert ("BatchNormalization" in ops) == (name in BN_MODELS)
     assert sum(int(np.prod(t.dims)) for t in model.graph.initializer) == info["initializer_values"]
     assert [i.name for i in model.graph.input] == ["input"]

@@ -6,7 +6,8 @@ The stages, in order:
 2. :func:`prepare`: opset range, shape inference, the folding plan, and then ONE check that every
    remaining node has a converter (all unsupported ops reported together).
 3. :func:`~qfx_onnx.importer.fold.fold_constants`: evaluate the planned nodes.
-4. :func:`build_graph`: one converter call per remaining node, building the fx graph.
+4. :func:`build_graph`: one converter call per remaining node, building the fx graph, then
+   :func:`~qfx_onnx.importer.fuse.fuse_decompositions` (exported GELU and LayerNorm as one op).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import onnx
 from torch import fx
 
 from qfx_onnx.errors import OnnxModelError
-from qfx_onnx.importer import elementwise_ops, linear_ops, pool_ops, shape_ops, spatial_ops  # noqa: F401 - registers converters
+from qfx_onnx.importer import elementwise_ops, linear_ops, nonlinear_ops, pool_ops, shape_ops, spatial_ops  # noqa: F401 - registers converters
 from qfx_onnx.importer.batch import generalize_batch
 from qfx_onnx.importer.context import GraphBuilder, NodeContext, OnnxInfo, Producer, TensorInfo
 from qfx_onnx.importer.fold import FoldResult, Partial, fold_constants
+from qfx_onnx.importer.fuse import fuse_decompositions
 from qfx_onnx.importer.reader import copy_fields, read_model, weight_free
 from qfx_onnx.importer.registry import DEFAULT_DOMAINS, Unsupported, check_opset, find_converter, find_unsupported, unsupported_error
 
@@ -156,7 +158,9 @@ def build_graph(prepared: PreparedModel) -> fx.GraphModule:
         input_shapes=tuple(prepared.infos[name].shape for name in inputs),
         fixed_batch=prepared.fixed_batch,
     )
-    return builder.finish(info.output_names, info)
+    gm = builder.finish(info.output_names, info)
+    fuse_decompositions(gm, prepared.infos)
+    return gm
 
 
 @dataclass(frozen=True)

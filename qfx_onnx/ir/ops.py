@@ -48,6 +48,7 @@ from qfx_onnx.ir.defs.move import (
     cast, concat, flatten, gather, identity, pad, reshape, resize, slice_axes, split, squeeze, transpose, unsqueeze,
 )
 from qfx_onnx.ir.defs.nonlinear import div, log_softmax, lrn, sigmoid, softmax, tanh
+from qfx_onnx.ir.defs.transformer import erf, exp, gelu, layer_norm, reciprocal, reduce_max, sqrt
 from qfx_onnx.ir.defs.shape import (
     SHAPE_TWINS, shape_add, shape_cast, shape_concat, shape_div, shape_gather, shape_identity, shape_mul, shape_of,
     shape_reshape, shape_slice_axes, shape_squeeze, shape_sub, shape_unsqueeze,

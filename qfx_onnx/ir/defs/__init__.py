@@ -3,6 +3,6 @@
 A new op family (or a single new op) is one more module here, named in the list below.
 """
 
-from qfx_onnx.ir.defs import linear, arith, move, nonlinear, shape  # noqa: F401  (order: shape twins last)
+from qfx_onnx.ir.defs import linear, arith, move, nonlinear, transformer, shape  # noqa: F401  (order: shape twins last)
 
-FAMILIES = (linear, arith, move, nonlinear, shape)
+FAMILIES = (linear, arith, move, nonlinear, transformer, shape)

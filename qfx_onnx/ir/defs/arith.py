@@ -133,9 +133,10 @@ def _emit_sum_pool(w, node: fx.Node, out: str, name: str) -> None:
            pads=list(begins) + list(ends), dilations=list(kw["dilations"]))
 
 
-def _emit_reduce_sum(w, node: fx.Node, out: str, name: str) -> None:
+def _emit_reduce(w, node: fx.Node, out: str, name: str) -> None:
+    """ReduceSum/ReduceMax at opset 18 take ``axes`` as an input, not an attribute."""
     axes = w.const(f"{name}::axes", np.asarray(list(node.kwargs["axes"]), dtype=np.int64))
-    w.node("ReduceSum", [w.arg(node.args[0]), axes], [out], name, keepdims=int(node.kwargs.get("keepdims", 1)))
+    w.node(op_of(node.target).onnx_op, [w.arg(node.args[0]), axes], [out], name, keepdims=int(node.kwargs.get("keepdims", 1)))
 
 
 # ------------------------------------------------------------------------------------ read-back
@@ -294,7 +295,7 @@ def sum_pool(x, *, kernel_shape, strides, pads, dilations, ceil_mode=0):
     return CONV[rank](x, ones, None, tuple(strides), 0, tuple(dilations), channels)
 
 
-@ir_op("arith", "ReduceSum", type_rule=_reduce_sum_type, emit=_emit_reduce_sum, hls=HlsForm.head("reduce"))
+@ir_op("arith", "ReduceSum", type_rule=_reduce_sum_type, emit=_emit_reduce, hls=HlsForm.head("reduce"))
 def reduce_sum(x, *, axes, keepdims=1):
     """ONNX ReduceSum over ``axes`` (a non-empty list; the importer resolves "all axes")."""
     return torch.sum(x, dim=tuple(axes), keepdim=bool(keepdims))

@@ -1,0 +1,108 @@
+"""Converters of the ops transformer encoders add: LayerNormalization, Gelu, Erf, Exp, Sqrt,
+Reciprocal, Pow and ReduceMax.
+
+Both PyTorch exporters are covered: TorchScript writes LayerNorm as LayerNormalization from opset
+17 (below it as ReduceMean, Sub, Pow 2, Add, Sqrt, Div) and GELU as Div, Erf, Add, Mul, Mul; the
+dynamo exporter writes LayerNormalization and, from opset 20, Gelu. The decompositions import op
+by op; :mod:`qfx_onnx.importer.fuse` then recognises them as ``layer_norm`` and ``gelu``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from qfx_onnx.importer.context import NodeContext
+from qfx_onnx.importer.registry import converter
+from qfx_onnx.ir import ops
+
+
+@converter("LayerNormalization", since=17)
+def convert_layer_norm(ctx: NodeContext) -> None:
+    """LayerNormalization over the dims from ``axis`` on; Scale is a weight, B (optional) a bias.
+    Its Mean and InvStdDev outputs (training only) must not be read by the graph."""
+    rank = ctx.rank(0)
+    axis = ctx.axes([ctx.attr("axis", -1)], rank)[0]
+    epsilon = float(ctx.attr("epsilon", 1e-5))
+    ctx.attr("stash_type", 1, allowed=(1,))  # float32 statistics; the emulation computes in float64
+    for i, what in ((1, "Mean"), (2, "InvStdDev")):
+        if ctx.is_consumed(i):
+            raise ctx.error(f"the {what} output {ctx.output_name(i)!r} is read by the graph; only the normalized output Y is supported")
+    x, scale, bias = ctx.input(0), ctx.input(1, role="weight"), ctx.input(2, role="bias")
+    ctx.emit(ops.layer_norm, x, scale, bias, axis=axis, epsilon=epsilon)
+
+
+@converter("Gelu", since=20)
+def convert_gelu(ctx: NodeContext) -> None:
+    """Gelu, exact (``approximate="none"``) or tanh form."""
+    approximate = ctx.attr("approximate", "none", allowed=("none", "tanh"))
+    ctx.emit(ops.gelu, ctx.input(0), approximate=approximate)
+
+
+for _op_type, _fn, _since in [
+    ("Erf", ops.erf, 9),
+    ("Exp", ops.exp, 6),
+    ("Sqrt", ops.sqrt, 6),
+    ("Reciprocal", ops.reciprocal, 6),
+]:
+    def _convert(ctx: NodeContext, fn=_fn) -> None:
+        ctx.emit(fn, ctx.input(0))
+
+    _convert.__name__ = f"convert_{_fn.__name__}"
+    converter(_op_type, since=_since)(_convert)
+
+
+POW_EXPONENTS = (0.5, 1.0, 2.0, 3.0, -1.0)
+"""Constant exponents Pow imports with: powers 1 to 3 as exact products, 0.5 as ``sqrt``, -1 as
+``reciprocal``. Other powers have no fixed-point form yet."""
+
+
+@converter("Pow", since=7)
+def convert_pow(ctx: NodeContext) -> None:
+    """Pow by a one-element constant exponent from :data:`POW_EXPONENTS`: ``x^2`` is
+    ``mul(x, x)`` (the variance in TorchScript's LayerNorm), ``x^3`` ``mul(mul(x, x), x)``."""
+    value = ctx.const(1, "Y (the exponent)")
+    exponent = np.unique(value.astype(np.float64))
+    if exponent.size != 1 or float(exponent[0]) not in POW_EXPONENTS:
+        shown = ", ".join(f"{v:g}" for v in exponent[:4])
+        raise ctx.error(f"exponent {shown} is not supported (supported: one constant value among "
+                        f"{', '.join(f'{v:g}' for v in POW_EXPONENTS)})")
+    if value.ndim > ctx.rank(0) or any(d != 1 for d in value.shape):
+        raise ctx.error(f"an exponent of shape {value.shape} would broadcast the base; only a single value is supported")
+    power, x = float(exponent[0]), ctx.input(0)
+    if power == 0.5:
+        ctx.emit(ops.sqrt, x)
+    elif power == -1.0:
+        ctx.emit(ops.reciprocal, x)
+    elif power == 1.0:
+        ctx.emit(ops.identity, x)
+    elif power == 2.0:
+        ctx.emit(ops.mul, x, x)
+    else:
+        ctx.emit(ops.mul, ctx.internal(ops.mul, x, x), x)
+
+
+def _reduce_max(ctx: NodeContext, axes: Sequence[int] | None) -> None:
+    keepdims = ctx.attr("keepdims", 1, allowed=(0, 1))
+    noop = ctx.attr("noop_with_empty_axes", 0, allowed=(0, 1))
+    rank = ctx.rank(0)
+    if axes is None or len(axes) == 0:
+        if noop:
+            ctx.emit(ops.identity, ctx.input(0))
+            return
+        axes = range(rank)
+    ctx.emit(ops.reduce_max, ctx.input(0), axes=sorted(set(ctx.axes(axes, rank))), keepdims=keepdims)
+
+
+@converter("ReduceMax", since=1)
+def convert_reduce_max_1(ctx: NodeContext) -> None:
+    """ReduceMax, ``axes`` an attribute (opsets 1-17)."""
+    _reduce_max(ctx, ctx.attr("axes", None))
+
+
+@converter("ReduceMax", since=18)
+def convert_reduce_max_18(ctx: NodeContext) -> None:
+    """ReduceMax, ``axes`` an optional constant input (opset 18 on)."""
+    axes = ctx.const(1, "axes")
+    _reduce_max(ctx, None if axes is None else axes.tolist())
