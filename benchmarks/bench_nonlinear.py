@@ -36,9 +36,15 @@ BITS = (6, 8, 10, 12)
 # unit -> (factory(bits), input type, domain)
 UNITS = {
     "exp": (lambda b: exp_table("ap_fixed<17,7>", bits=b), "ap_fixed<17,7>", (-16.0, 0.0)),
-    "reciprocal": (lambda b: reciprocal_table("ap_ufixed<19,4>", bits=b, hi=8.0), "ap_ufixed<19,4>", (1.0, 8.0)),
-    "rsqrt (var>=1)": (lambda b: rsqrt_table("ap_ufixed<18,5>", bits=b), "ap_ufixed<18,5>", (1.0, 16.0)),
-    "rsqrt (var>=1/4)": (lambda b: rsqrt_table("ap_ufixed<18,5>", bits=b), "ap_ufixed<18,5>", (0.25, 16.0)),
+    "reciprocal (log2)": (lambda b: reciprocal_table("ap_ufixed<19,4>", bits=b, hi=8.0), "ap_ufixed<19,4>", (1.0, 8.0)),
+    "reciprocal (uniform)": (lambda b: reciprocal_table("ap_ufixed<19,4>", bits=b, hi=8.0, index="uniform"),
+                             "ap_ufixed<19,4>", (1.0, 8.0)),
+    "rsqrt (log2) var>=1": (lambda b: rsqrt_table("ap_ufixed<18,5>", bits=b), "ap_ufixed<18,5>", (1.0, 16.0)),
+    "rsqrt (log2) var>=1/4": (lambda b: rsqrt_table("ap_ufixed<18,5>", bits=b), "ap_ufixed<18,5>", (0.25, 16.0)),
+    "rsqrt (uniform) var>=1": (lambda b: rsqrt_table("ap_ufixed<18,5>", bits=b, index="uniform"), "ap_ufixed<18,5>",
+                               (1.0, 16.0)),
+    "rsqrt (uniform) var>=1/4": (lambda b: rsqrt_table("ap_ufixed<18,5>", bits=b, index="uniform"), "ap_ufixed<18,5>",
+                                 (0.25, 16.0)),
     "erf": (lambda b: erf_table("ap_fixed<16,6>", bits=b), "ap_fixed<16,6>", (None, None)),
     "gelu": (lambda b: gelu_table("ap_fixed<16,6>", "ap_fixed<18,6,AP_RND,AP_SAT>", bits=b), "ap_fixed<16,6>", (None, None)),
     "gelu tanh": (lambda b: gelu_table("ap_fixed<16,6>", "ap_fixed<18,6,AP_RND,AP_SAT>", bits=b, approximate="tanh"),
@@ -75,7 +81,7 @@ def unit_table() -> Table:
 
 def softmax_table(rows: int, rng: np.random.Generator) -> Table:
     table = Table(title="softmax: max |p - p_float|")
-    for col in ("input", "n", "exp bits", "recip bits", "exp type", "output", "error", "table bits"):
+    for col in ("input", "n", "exp bits", "recip bits", "recip index", "exp type", "output", "error", "table bits"):
         table.add_column(col, justify="right")
     for in_t, n in (("ap_fixed<8,3>", 8), ("ap_fixed<8,3>", 32), ("ap_fixed<10,4>", 32)):
         x = random_rows(FixedType.parse(in_t), n, rows, rng)
@@ -84,16 +90,18 @@ def softmax_table(rows: int, rng: np.random.Generator) -> Table:
                                 (10, 10, "ap_ufixed<16,1,AP_RND,AP_SAT>", None),
                                 (10, 10, "ap_ufixed<16,1,AP_RND,AP_SAT>", "ap_ufixed<16,1,AP_RND,AP_SAT>"),
                                 (12, 12, "ap_ufixed<18,1,AP_RND,AP_SAT>", "ap_ufixed<16,1,AP_RND,AP_SAT>")):
-            cfg = SoftmaxConfig.create(in_t, n, out_type=out, exp_type=et, exp_bits=eb, reciprocal_bits=rb)
-            err = float((softmax_exact(x, cfg) - want).abs().max())
-            table.add_row(in_t, str(n), str(eb), str(rb), et, str(cfg.out_type), f"{err:.2e}",
-                          str(cfg.exp.bits + cfg.reciprocal.bits))
+            for index in ("log2", "uniform"):
+                cfg = SoftmaxConfig.create(in_t, n, out_type=out, exp_type=et, exp_bits=eb, reciprocal_bits=rb,
+                                           reciprocal_index=index)
+                err = float((softmax_exact(x, cfg) - want).abs().max())
+                table.add_row(in_t, str(n), str(eb), str(rb), index, et, str(cfg.out_type), f"{err:.2e}",
+                              str(cfg.exp.bits + cfg.reciprocal.bits))
     return table
 
 
 def layer_norm_table(rows: int, rng: np.random.Generator) -> Table:
     table = Table(title="LayerNorm (n = 32, gamma 1, beta 0): max |y - y_float|")
-    for col in ("input", "rsqrt bits", "var type", "output", "error", "table bits"):
+    for col in ("input", "rsqrt bits", "rsqrt index", "var type", "output", "error", "table bits"):
         table.add_column(col, justify="right")
     n = 32
     for in_t, outs in (("ap_fixed<8,3>", (None,)), ("ap_fixed<10,4>", (None, "ap_fixed<16,4,AP_RND,AP_SAT>"))):
@@ -104,14 +112,16 @@ def layer_norm_table(rows: int, rng: np.random.Generator) -> Table:
         ones, zeros = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
         for out in outs:
             for rb in (6, 8, 10, 12):
-                for var_frac in (t.frac + 4, t.frac + 8):
+                for index, var_frac in (("log2", t.frac + 8), ("uniform", t.frac + 4), ("uniform", t.frac + 8)):
                     vi = 2 * t.integer - 1
                     var_t = FixedType(vi + var_frac, vi, signed=False, q="AP_RND", o="AP_SAT")
-                    cfg = LayerNormConfig.create(in_t, n, var_type=var_t, rsqrt_bits=rb, out_type=out)
+                    cfg = LayerNormConfig.create(in_t, n, var_type=var_t, rsqrt_bits=rb, out_type=out,
+                                                 rsqrt_index=index)
                     y = layer_norm_exact(x, ones, zeros, cfg)
                     inside = (want >= cfg.out_type.min_value) & (want <= cfg.out_type.max_value)
                     err = float((y - want)[inside].abs().max())
-                    table.add_row(in_t, str(rb), str(var_t), str(cfg.out_type), f"{err:.2e}", str(cfg.rsqrt.bits))
+                    table.add_row(in_t, str(rb), index, str(var_t), str(cfg.out_type), f"{err:.2e}",
+                                  str(cfg.rsqrt.bits))
     return table
 
 

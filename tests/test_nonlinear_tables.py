@@ -29,7 +29,7 @@ import torch
 from qfx_onnx.errors import ConfigError
 from qfx_onnx.fixed.cast import cast
 from qfx_onnx.fixed.reference import reference_cast, reference_codes
-from qfx_onnx.fixed.tables import LookupTable, TableIndex
+from qfx_onnx.fixed.tables import Log2Index, LookupTable, TableIndex
 from qfx_onnx.fixed.types import FixedType
 from qfx_onnx.hls.aptypes import compile_cpp, find_ap_types_include
 from qfx_onnx.nonlinear import cpp_emit, onnx_emit
@@ -54,8 +54,10 @@ def unit_tables() -> dict[str, LookupTable]:
         ft = FixedType.parse(t)
         u = FixedType(ft.width, ft.integer, signed=False)
         tables[f"exp{k}"] = exp_table(FixedType(ft.width + 1, ft.integer + 1))
-        tables[f"recip{k}"] = reciprocal_table(u, lo=0.25)
-        tables[f"rsqrt{k}"] = rsqrt_table(u)
+        tables[f"recip{k}"] = reciprocal_table(u, lo=0.25, bits=7)
+        tables[f"recipu{k}"] = reciprocal_table(u, lo=0.25, index="uniform")
+        tables[f"rsqrt{k}"] = rsqrt_table(u, bits=8)
+        tables[f"rsqrtu{k}"] = rsqrt_table(u, index="uniform")
         tables[f"erf{k}"] = erf_table(ft)
         tables[f"gelu{k}"] = gelu_table(ft)
         tables[f"gelut{k}"] = gelu_table(ft, approximate="tanh", bits=8, limit=3.0)
@@ -156,13 +158,26 @@ def test_entries_are_reference_casts_of_bin_midpoints():
         t, idx = table.in_type, table.index
         codes = np.arange(t.int_min, t.int_max + 1, dtype=np.int64)
         inside = codes[(codes >= idx.code_lo) & (codes <= idx.code_hi)]
-        k = (inside - idx.code_lo) // (1 << idx.shift)
+        k = idx.indices(inside)
+        step = max(1, len(inside) // 20000)  # wide types: every step-th code, plus both ends
+        probe = np.unique(np.concatenate([inside[::step], inside[-2:]]))
+        assert [_independent_index(idx, int(c)) for c in probe] == idx.indices(probe).tolist(), name
         for entry in np.unique(k)[:: max(1, len(np.unique(k)) // 200)]:
             members = inside[k == entry]
             mid = math.ldexp((int(members.min()) + int(members.max())) / 2, -t.frac)
             f = float(table.function(torch.tensor([mid], dtype=torch.float64))[0])
             assert table.codes[entry] == reference_codes(np.array([f]), table.out_type)[0], (name, entry)
         assert len(np.unique(k)) == table.size, name  # no entry is unreachable
+
+
+def _independent_index(idx, c: int) -> int:
+    """The entry of an in-range code, in Python integers (bit_length for the leading one)."""
+    if isinstance(idx, Log2Index):
+        def raw(v: int) -> int:
+            e = v.bit_length() - 1
+            return e * 2**idx.mant_bits + v // 2 ** (e - idx.mant_bits) - 2**idx.mant_bits
+        return raw(c) - raw(idx.code_lo)
+    return (c - idx.code_lo) // 2**idx.shift
 
 
 def test_full_code_tables_match_todays_hls_tables():
@@ -205,11 +220,16 @@ STATED_BOUNDS = {
     "exp": (lambda: exp_table("ap_fixed<9,4>"), (-8.0, 0.0), 2.0**-16 + 1e-12),
     # 16-code bins of 2**-6 over [-11.8, 0]: half a bin times exp'(0) = 1
     "exp_wide": (lambda: exp_table("ap_fixed<17,7>"), (-16.0, 0.0), 7.5e-3),
-    # bins of 2**-7 over [1, 8]: half a bin times |1/x'| <= 1
-    "reciprocal": (lambda: reciprocal_table("ap_ufixed<19,4>", hi=8.0), (1.0, 8.0), 4.0e-3),
-    # bins of 2**-5 over [0, 16]: half a bin times |rsqrt'| = 0.5 v**-1.5, steep at small v
-    "rsqrt": (lambda: rsqrt_table("ap_ufixed<14,5>"), (1.0, 16.0), 8.0e-3),
-    "rsqrt_small_var": (lambda: rsqrt_table("ap_ufixed<14,5>"), (0.25, 16.0), 6.0e-2),
+    # log2 index, 8 mantissa bits over [1, 8] (769 entries): relative half-bin 2**-9, times 1/x <= 1
+    "reciprocal": (lambda: reciprocal_table("ap_ufixed<19,4>", hi=8.0), (1.0, 8.0), 2.0e-3),
+    # uniform bins of 2**-7 over [1, 8] (897 entries): half a bin times |1/x'| <= 1
+    "reciprocal_uniform": (lambda: reciprocal_table("ap_ufixed<19,4>", hi=8.0, index="uniform"), (1.0, 8.0), 4.0e-3),
+    # log2 index, 6 mantissa bits (768 entries): relative error <= 2**-8 at every variance it resolves
+    "rsqrt": (lambda: rsqrt_table("ap_ufixed<18,5>"), (1.0, 16.0), 4.0e-3),
+    "rsqrt_small_var": (lambda: rsqrt_table("ap_ufixed<18,5>"), (0.25, 16.0), 8.0e-3),
+    # uniform bins of 2**-5 over [0, 16]: half a bin times |rsqrt'| = 0.5 v**-1.5, steep at small v
+    "rsqrt_uniform": (lambda: rsqrt_table("ap_ufixed<14,5>", index="uniform"), (1.0, 16.0), 8.0e-3),
+    "rsqrt_uniform_small_var": (lambda: rsqrt_table("ap_ufixed<14,5>", index="uniform"), (0.25, 16.0), 6.0e-2),
     # bins of 2**-7 over [-3.5, 3.5]: half a bin times erf'(0) = 1.13
     "erf": (lambda: erf_table("ap_fixed<16,6>"), None, 4.0e-3),
     "gelu": (lambda: gelu_table("ap_fixed<16,6>", "ap_fixed<16,6,AP_RND,AP_SAT>"), None, 4.5e-3),

@@ -116,6 +116,82 @@ class TableIndex:
         return np.ldexp((first + last).astype(np.float64) / 2.0, -self.in_type.frac)
 
 
+@dataclass(frozen=True)
+class Log2Index:
+    """A floating-point-like index for functions of positive inputs that vary over decades
+    (``1/x``, ``1/sqrt(x)``): equal *relative* resolution everywhere.
+
+    Clamp the code to ``[code_lo, code_hi]`` (``code_lo >= 2**mant_bits``), find its leading one
+    ``e = floor(log2 c)`` and keep the ``mant_bits`` bits after it, ``m = (c >> (e - mant_bits))
+    - 2**mant_bits``; the entry is ``e * 2**mant_bits + m - raw_lo`` with ``raw_lo`` that of
+    ``code_lo``. Each entry covers the codes sharing ``e`` and ``m``, a relative width of at most
+    ``2**-mant_bits``.
+    """
+
+    in_type: FixedType
+    code_lo: int
+    code_hi: int
+    mant_bits: int
+
+    def __post_init__(self) -> None:
+        t = self.in_type
+        if t.width > 53:
+            raise ConfigError(f"table input {t}: codes wider than 53 bits are not float64-exact")
+        if not 0 <= self.mant_bits <= MAX_TABLE_BITS or self.code_lo < 1 << self.mant_bits or self.code_lo > self.code_hi:
+            raise ConfigError(f"log2 index over {t}: range [{self.code_lo}, {self.code_hi}] must start at "
+                              f"2**mant_bits = {1 << self.mant_bits} or above")
+        if self.size > 1 << MAX_TABLE_BITS:
+            raise ConfigError(f"table index over {t}: {self.size} entries, more than 2**{MAX_TABLE_BITS}")
+
+    def raw(self, codes: np.ndarray) -> np.ndarray:
+        """``e * 2**mant_bits + m`` of each code (codes >= 2**mant_bits)."""
+        c = np.asarray(codes, dtype=np.int64)
+        e = np.frexp(c.astype(np.float64))[1].astype(np.int64) - 1  # exact: c < 2**53
+        return (e << self.mant_bits) + (c >> (e - self.mant_bits)) - (1 << self.mant_bits)
+
+    @property
+    def raw_lo(self) -> int:
+        return int(self.raw(np.array([self.code_lo]))[0])
+
+    @property
+    def size(self) -> int:
+        return int(self.raw(np.array([self.code_hi]))[0]) - self.raw_lo + 1
+
+    @classmethod
+    def over(cls, in_type: FixedType | str, lo: float, hi: float | None = None,
+             bits: int = 10) -> "Log2Index":
+        """The index covering ``[lo, hi]`` (``hi`` default: the type's maximum) in at most
+        ``2**bits`` entries, with as many mantissa bits as fit. ``lo`` is raised to the
+        smallest value the mantissa bits resolve, ``2**(mant_bits - F)``, if it is below."""
+        t = FixedType.coerce(in_type)
+        c_hi = t.int_max if hi is None else min(t.int_max, math.floor(math.ldexp(hi, t.frac)))
+        c_lo0 = max(1, math.ceil(math.ldexp(lo, t.frac)))
+        for mant in range(min(bits, MAX_TABLE_BITS), -1, -1):
+            c_lo = max(c_lo0, 1 << mant)
+            if c_lo <= c_hi and _log2_size(c_lo, c_hi, mant) <= 1 << bits:
+                return cls(t, c_lo, c_hi, mant)
+        raise ConfigError(f"log2 table over {t}: the range [{lo}, {hi}] holds no positive code")
+
+    def indices(self, codes: np.ndarray) -> np.ndarray:
+        c = np.clip(np.asarray(codes, dtype=np.int64), self.code_lo, self.code_hi)
+        return self.raw(c) - self.raw_lo
+
+    def representatives(self) -> np.ndarray:
+        raw = np.arange(self.size, dtype=np.int64) + self.raw_lo
+        e, m = raw >> self.mant_bits, raw & ((1 << self.mant_bits) - 1)
+        first = ((1 << self.mant_bits) + m) << (e - self.mant_bits)
+        last = np.minimum(first + (np.int64(1) << (e - self.mant_bits)) - 1, self.code_hi)
+        first = np.maximum(first, self.code_lo)
+        return np.ldexp((first + last).astype(np.float64) / 2.0, -self.in_type.frac)
+
+
+def _log2_size(c_lo: int, c_hi: int, mant: int) -> int:
+    def raw(c: int) -> int:
+        e = c.bit_length() - 1
+        return (e << mant) + (c >> (e - mant)) - (1 << mant)
+    return raw(c_hi) - raw(c_lo) + 1
+
+
 def _entries(span: int, shift: int, align_high: bool) -> int:
     step = 1 << shift
     return (-(-span // step) if align_high else span // step) + 1
@@ -132,7 +208,7 @@ class LookupTable:
     """
 
     name: str
-    index: TableIndex
+    index: TableIndex | Log2Index
     out_type: FixedType
     codes: np.ndarray
     function: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
@@ -140,7 +216,7 @@ class LookupTable:
     above: str = "clamp"
 
     @classmethod
-    def build(cls, name: str, index: TableIndex, out_type: FixedType | str,
+    def build(cls, name: str, index: TableIndex | Log2Index, out_type: FixedType | str,
               function: Callable[[torch.Tensor], torch.Tensor], below: str = "clamp",
               above: str = "clamp") -> "LookupTable":
         """Entries ``reference_codes(function(representatives), out_type)``, computed in float64."""
@@ -192,7 +268,13 @@ class LookupTable:
         """float64 ``T_out(table[x])`` for float64 ``x`` on the input grid; no gradient."""
         t, idx = self.in_type, self.index
         code = torch.floor(x.to(torch.float64) * math.ldexp(1.0, t.frac)).to(torch.int64)
-        k = (code.clamp(idx.code_lo, idx.code_hi) - idx.code_lo) >> idx.shift
+        c = code.clamp(idx.code_lo, idx.code_hi)
+        if isinstance(idx, Log2Index):
+            mb = idx.mant_bits
+            e = torch.frexp(c.to(torch.float64)).exponent.to(torch.int64) - 1
+            k = (e << mb) + (c >> (e - mb)) - (1 << mb) - idx.raw_lo
+        else:
+            k = (c - idx.code_lo) >> idx.shift
         y = torch.from_numpy(self.values).to(x.device)[k]
         for mode, beyond in ((self.below, code < idx.code_lo), (self.above, code > idx.code_hi)):
             if mode == "zero":

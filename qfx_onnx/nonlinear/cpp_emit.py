@@ -13,7 +13,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from qfx_onnx.fixed.tables import BEYOND_MODES, LookupTable
+from qfx_onnx.fixed.tables import BEYOND_MODES, Log2Index, LookupTable
 from qfx_onnx.nonlinear.kernels import LayerNormConfig, SoftmaxConfig
 
 HEADER = "nnet_qfx_nonlinear.h"
@@ -40,14 +40,19 @@ def table_struct(table: LookupTable, ident: str) -> str:
     """``struct ident`` describing ``table`` for ``qfx_nl::table_lookup<ident>``."""
     _check_ident(ident)
     idx = table.index
+    if isinstance(idx, Log2Index):
+        index = (f"    static const int index_kind = 1;\n    static const int shift = 0;\n"
+                 f"    static const int mant_bits = {idx.mant_bits};\n    static const long long raw_lo = {idx.raw_lo}LL;\n")
+    else:
+        index = (f"    static const int index_kind = 0;\n    static const int shift = {idx.shift};\n"
+                 f"    static const int mant_bits = 0;\n    static const long long raw_lo = 0;\n")
     return f"""struct {ident} {{  // {table.name}: {table.size} entries of {table.out_type}
     typedef {table.in_type} in_t;
     typedef {table.out_type} out_t;
     static const bool in_signed = {str(table.in_type.signed).lower()};
     static const long long code_lo = {idx.code_lo}LL;
     static const long long code_hi = {idx.code_hi}LL;
-    static const int shift = {idx.shift};
-    static const unsigned size = {table.size};
+{index}    static const unsigned size = {table.size};
     static const int below = {BEYOND_MODES.index(table.below)};
     static const int above = {BEYOND_MODES.index(table.above)};
     static out_t entry(unsigned k) {{

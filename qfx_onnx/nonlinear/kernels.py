@@ -74,17 +74,17 @@ class SoftmaxConfig:
     def create(cls, in_type: FixedType | str, n: int, out_type: FixedType | str | None = None,
                exp_type: FixedType | str = "ap_ufixed<16,1,AP_RND,AP_SAT>", exp_bits: int | None = DEFAULT_BITS,
                reciprocal_type: FixedType | str | None = None,
-               reciprocal_bits: int | None = DEFAULT_BITS) -> "SoftmaxConfig":
+               reciprocal_bits: int | None = DEFAULT_BITS, reciprocal_index: str = "log2") -> "SoftmaxConfig":
         """Defaults: ``out_type`` ``ap_ufixed<W_in, 1, AP_RND, AP_SAT>`` (probabilities in [0, 1]),
         exp entries ``ap_ufixed<16,1>``, reciprocal over ``[1, n]`` (the sum is at least
-        ``exp(0) = 1``) in ``ap_ufixed<18,1>``, 1024-entry tables."""
+        ``exp(0) = 1``) in ``ap_ufixed<18,1>`` with a log2 index, tables of at most 1024 entries."""
         t = FixedType.coerce(in_type)
         if n < 1:
             raise ConfigError(f"softmax over {n} values")
         diff = sub_type(t, t)
         e = exp_table(diff, exp_type, exp_bits)
         s = accum_type(e.out_type, n)
-        r = reciprocal_table(s, reciprocal_type, reciprocal_bits, lo=1.0, hi=float(max(n, 2)))
+        r = reciprocal_table(s, reciprocal_type, reciprocal_bits, lo=1.0, hi=float(max(n, 2)), index=reciprocal_index)
         out = _rs(t.width, 1, False) if out_type is None else FixedType.coerce(out_type)
         _check_exact("softmax", diff_type=diff, sum_type=s, product=mul_type(e.out_type, r.out_type), out_type=out)
         return cls(t, n, diff, e, s, r, out)
@@ -143,17 +143,19 @@ class LayerNormConfig:
     def create(cls, in_type: FixedType | str, n: int, eps: float = 1e-5, out_type: FixedType | str | None = None,
                mean_type: FixedType | str | None = None, var_type: FixedType | str | None = None,
                rsqrt_type: FixedType | str | None = None, rsqrt_bits: int | None = DEFAULT_BITS,
+               rsqrt_index: str = "log2",
                norm_type: FixedType | str | None = None, gamma_type: FixedType | str | None = None,
                beta_type: FixedType | str | None = None,
                inv_n_type: FixedType | str = "ap_ufixed<18,1,AP_RND,AP_SAT>") -> "LayerNormConfig":
         """Defaults, from ``in_type = ap_fixed<W, I>`` (F = W - I):
 
         * ``mean_type`` ``ap_fixed<W+4, I>`` (4 more fractional bits), ``AP_RND, AP_SAT``;
-        * ``var_type`` ``ap_ufixed<2I-1 + F+4, 2I-1>``: a variance of values in
-          ``[-2**(I-1), 2**(I-1))`` is at most ``2**(2I-2)``;
+        * ``var_type`` ``ap_ufixed<2I-1 + F+8, 2I-1>``: a variance of values in
+          ``[-2**(I-1), 2**(I-1))`` is at most ``2**(2I-2)``; 8 more fractional bits let the log2
+          rsqrt table resolve variances down to ``2**(mant_bits - F - 8)``;
         * ``norm_type`` ``ap_fixed<16, I_z>`` with ``2**(I_z-1) > sqrt(n)`` (``|z| <= sqrt(n-1)``);
         * ``gamma_type``/``beta_type`` ``ap_fixed<16, 4>``; ``out_type`` ``in_type`` with
-          ``AP_RND, AP_SAT``; the rsqrt table covers the whole ``var_type`` in 1024 entries.
+          ``AP_RND, AP_SAT``; the rsqrt table (log2 index, at most 1024 entries) covers ``var_type``.
         """
         t = FixedType.coerce(in_type)
         if n < 1:
@@ -161,8 +163,8 @@ class LayerNormConfig:
         co = lambda v, d: d if v is None else FixedType.coerce(v)  # noqa: E731
         f, i = t.frac, t.integer
         mean = co(mean_type, _rs(t.width + 4, i))
-        var = co(var_type, _rs(max(1, 2 * i - 1) + f + 4, max(1, 2 * i - 1), False))
-        rs = rsqrt_table(var, rsqrt_type, rsqrt_bits, eps=eps)
+        var = co(var_type, _rs(max(1, 2 * i - 1) + f + 8, max(1, 2 * i - 1), False))
+        rs = rsqrt_table(var, rsqrt_type, rsqrt_bits, eps=eps, index=rsqrt_index)
         z_int = math.floor(math.log2(math.sqrt(n))) + 2
         cfg = cls(t, n, FixedType.coerce(inv_n_type), mean, var, rs, co(norm_type, _rs(16, z_int)),
                   co(gamma_type, _rs(16, 4)), co(beta_type, _rs(16, 4)),

@@ -7,6 +7,9 @@ exact (the kernels keep every intermediate within 53 bits). A table lookup is
     k    = Floor((Clip(code, lo, hi) - lo) * 2**-shift)  = (clamp(code) - lo) >> shift
     y    = Gather(table_values, Cast<int64>(k))     table_values: an initializer, float64
 
+(a :class:`~qfx_onnx.fixed.tables.Log2Index` finds the leading one by comparing the code with
+every power of two, and shifts by multiplying with a gathered power of two),
+
 with ``Where`` for the ``"zero"``/``"identity"`` beyond-range modes. Casts between intermediate
 types (:func:`emit_cast`) are the same float algorithm as :mod:`qfx_onnx.fixed.cast` for the modes
 the kernels use (``AP_TRN``, ``AP_RND``, ``AP_RND_CONV`` with ``AP_SAT`` or ``AP_WRAP``);
@@ -27,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qfx_onnx.errors import ExportError
 from qfx_onnx.fixed.cast import cast
-from qfx_onnx.fixed.tables import LookupTable
+from qfx_onnx.fixed.tables import Log2Index, LookupTable
 from qfx_onnx.fixed.types import FixedType, OverflowMode as O, QuantMode as Q
 from qfx_onnx.nonlinear.kernels import LayerNormConfig, SoftmaxConfig
 
@@ -89,9 +92,13 @@ def emit_table(b: OnnxBuilder, x: str, table: LookupTable) -> str:
     idx, t = table.index, table.in_type
     code = b.op("Floor", b.op("Mul", x, b.const(math.ldexp(1.0, t.frac))))
     lo, hi = b.const(float(idx.code_lo)), b.const(float(idx.code_hi))
-    k = b.op("Sub", b.op("Clip", code, lo, hi), lo)
-    if idx.shift:
-        k = b.op("Floor", b.op("Mul", k, b.const(math.ldexp(1.0, -idx.shift))))
+    c = b.op("Clip", code, lo, hi)
+    if isinstance(idx, Log2Index):
+        k = _log2_index(b, c, idx)
+    else:
+        k = b.op("Sub", c, lo)
+        if idx.shift:
+            k = b.op("Floor", b.op("Mul", k, b.const(math.ldexp(1.0, -idx.shift))))
     values = b.const(table.values, stem=f"{table.name}_table")
     y = b.op("Gather", values, b.op("Cast", k, to=TensorProto.INT64))
     for mode, cmp, bound in ((table.below, "Less", lo), (table.above, "Greater", hi)):
@@ -100,6 +107,21 @@ def emit_table(b: OnnxBuilder, x: str, table: LookupTable) -> str:
         elif mode == "identity":
             y = b.op("Where", b.op(cmp, code, bound), emit_cast(b, x, table.out_type), y)
     return y
+
+
+def _log2_index(b: OnnxBuilder, c: str, idx: Log2Index) -> str:
+    """``e * 2**mb + (c >> (e - mb)) - 2**mb - raw_lo`` on float64 codes ``c >= 2**mb``: the
+    leading-one position ``e`` counts the powers of two at or below ``c`` (exact comparisons),
+    ``c >> (e - mb)`` is ``Floor(c * 2**(mb - e))`` with the power gathered from a table."""
+    mb, width = idx.mant_bits, idx.in_type.width
+    powers = b.const(np.ldexp(1.0, np.arange(width)))
+    above = b.op("GreaterOrEqual", b.op("Unsqueeze", c, b.const([-1], dtype=np.int64)), powers)
+    count = b.op("ReduceSum", b.op("Cast", above, to=DOUBLE), b.const([-1], dtype=np.int64), keepdims=0)
+    e = b.op("Sub", count, b.const(1.0))
+    scales = b.const(np.ldexp(1.0, mb - np.arange(width)))
+    top = b.op("Floor", b.op("Mul", c, b.op("Gather", scales, b.op("Cast", e, to=TensorProto.INT64))))
+    k = b.op("Add", b.op("Mul", e, b.const(float(1 << mb))), top)
+    return b.op("Sub", k, b.const(float((1 << mb) + idx.raw_lo)))
 
 
 def emit_softmax(b: OnnxBuilder, x: str, cfg: SoftmaxConfig) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from qfx_onnx.errors import ConfigError
-from qfx_onnx.fixed.tables import LookupTable, TableIndex
+from qfx_onnx.fixed.tables import Log2Index, LookupTable, TableIndex
 from qfx_onnx.fixed.types import FixedType
 
 DEFAULT_BITS = 10
@@ -66,10 +66,21 @@ def exp_table(in_type: FixedType | str, out_type: FixedType | str = "ap_ufixed<1
     return LookupTable.build("exp", index, out, torch.exp)
 
 
+def _positive_index(in_type, lo: float, hi: float | None, bits: int | None, index: str):
+    if index == "log2":
+        return Log2Index.over(in_type, lo, hi, DEFAULT_BITS if bits is None else bits)
+    if index == "uniform":
+        return TableIndex.over(in_type, lo, hi, bits)
+    raise ConfigError(f"table index {index!r}: expected 'log2' or 'uniform'")
+
+
 def reciprocal_table(in_type: FixedType | str, out_type: FixedType | str | None = None,
-                     bits: int | None = DEFAULT_BITS, lo: float = 1.0, hi: float | None = None) -> LookupTable:
+                     bits: int | None = DEFAULT_BITS, lo: float = 1.0, hi: float | None = None,
+                     index: str = "log2") -> LookupTable:
     """``1/x`` of a positive ``x`` (a softmax sum) over ``[lo, hi]``; clamped outside.
 
+    ``index="log2"`` (default) gives every octave the same number of entries (relative error
+    about ``2**-(mant_bits+1)``, see :class:`Log2Index`); ``"uniform"`` spaces them evenly.
     ``hi`` defaults to the input type's maximum. ``out_type`` defaults to an
     ``ap_ufixed<18, I>`` with just enough integer bits for ``1/lo``.
     """
@@ -77,19 +88,21 @@ def reciprocal_table(in_type: FixedType | str, out_type: FixedType | str | None 
         raise ConfigError(f"reciprocal table: lower end {lo} must be positive")
     if out_type is None:
         out_type = FixedType(18, max(1, math.floor(math.log2(1.0 / lo)) + 1), signed=False, q="AP_RND", o="AP_SAT")
-    index = TableIndex.over(in_type, lo, hi, bits)
-    return LookupTable.build("reciprocal", index, out_type, torch.reciprocal)
+    return LookupTable.build("reciprocal", _positive_index(in_type, lo, hi, bits, index), out_type, torch.reciprocal)
 
 
 def rsqrt_table(in_type: FixedType | str, out_type: FixedType | str | None = None,
                 bits: int | None = DEFAULT_BITS, eps: float = 1e-5, lo: float = 0.0,
-                hi: float | None = None) -> LookupTable:
+                hi: float | None = None, index: str = "log2") -> LookupTable:
     """``1/sqrt(x + eps)`` of a variance ``x >= 0`` over ``[lo, hi]``; clamped outside.
 
-    The first entry comes from the midpoint of its codes, so a variance of 0 reads
-    ``1/sqrt(bin/2 + eps)`` rather than ``1/sqrt(eps)``: with the centered values at most
-    ``sqrt(n * var)``, normalized outputs stay bounded by ``sqrt(2n)`` in that bin.
-    ``out_type`` defaults to an ``ap_ufixed<18, I>`` holding the largest entry.
+    ``index="log2"`` (default): equal relative resolution in every octave; ``lo`` is raised to
+    the smallest value the mantissa bits resolve, ``2**(mant_bits - F_in)``, and smaller
+    variances read that entry. ``index="uniform"``: the first entry comes from the midpoint of
+    its codes, so a variance of 0 reads ``1/sqrt(bin/2 + eps)`` rather than ``1/sqrt(eps)``.
+    Either way a near-constant row's normalized outputs stay bounded (the centered values are at
+    most ``sqrt(n * var)``). ``out_type`` defaults to an ``ap_ufixed<18, I>`` holding the largest
+    entry.
     """
     if eps < 0 or lo < 0:
         raise ConfigError(f"rsqrt table: eps {eps} and lower end {lo} must be non-negative")
@@ -97,11 +110,11 @@ def rsqrt_table(in_type: FixedType | str, out_type: FixedType | str | None = Non
     def f(v: torch.Tensor) -> torch.Tensor:
         return torch.rsqrt(v + eps)
 
-    index = TableIndex.over(in_type, lo, hi, bits)
+    idx = _positive_index(in_type, lo, hi, bits, index)
     if out_type is None:
-        top = float(f(torch.tensor(index.representatives()[:1])).item())
+        top = float(f(torch.tensor(idx.representatives()[:1])).item())
         out_type = FixedType(18, max(1, math.floor(math.log2(top)) + 1), signed=False, q="AP_RND", o="AP_SAT")
-    return LookupTable.build("rsqrt", index, out_type, f)
+    return LookupTable.build("rsqrt", idx, out_type, f)
 
 
 def erf_table(in_type: FixedType | str, out_type: FixedType | str = "ap_fixed<16,2,AP_RND,AP_SAT>",
