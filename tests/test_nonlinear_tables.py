@@ -126,6 +126,10 @@ class Results:
 
 @pytest.fixture(scope="module")
 def cases() -> Results:
+    return build_cases()
+
+
+def build_cases() -> Results:
     rng = np.random.default_rng(SEED)
     units = {}
     for name, table in unit_tables().items():

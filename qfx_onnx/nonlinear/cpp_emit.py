@@ -1,9 +1,9 @@
 """C++ config structs for ``cpp/nnet_qfx_nonlinear.h``: tables as exact initializer text.
 
 Each table becomes a struct with its types, index constants and a function-local ``static const``
-array of the output type, initialized from ``repr`` of each float64 entry: the exact value
-``code * 2**-F`` (at most 53 bits), so the ``ap_fixed`` conversion from ``double`` stores the code
-unchanged. Kernel structs name their intermediate types and their tables' structs.
+array of raw output codes in the narrowest C integer type (a ROM of plain integers: no
+``double`` conversion, and it compiles fast); ``entry(k)`` writes code ``k`` into the bits of an
+``out_t``. Kernel structs name their intermediate types and their tables' structs.
 ``ident`` arguments must be C identifiers (the caller sanitizes ONNX names).
 """
 
@@ -30,10 +30,19 @@ def _check_ident(ident: str) -> None:
         raise ValueError(f"not a C identifier: {ident!r}")
 
 
-def _values(table: LookupTable, per_line: int = 8) -> str:
-    items = [repr(float(v)) for v in table.values]
+def _codes(table: LookupTable, per_line: int = 16) -> str:
+    items = [str(int(c)) for c in table.codes]
     rows = [", ".join(items[i:i + per_line]) for i in range(0, len(items), per_line)]
     return ",\n            ".join(rows)
+
+
+def _code_type(t) -> str:
+    """The narrowest C integer type holding every code of ``t`` (the table ROM's word)."""
+    for bits, signed, unsigned in ((8, "signed char", "unsigned char"), (16, "short", "unsigned short"),
+                                   (32, "int", "unsigned int"), (64, "long long", "unsigned long long")):
+        if t.width <= bits:
+            return signed if t.signed else unsigned
+    raise ValueError(f"no C integer type holds {t}")
 
 
 def table_struct(table: LookupTable, ident: str) -> str:
@@ -56,9 +65,11 @@ def table_struct(table: LookupTable, ident: str) -> str:
     static const int below = {BEYOND_MODES.index(table.below)};
     static const int above = {BEYOND_MODES.index(table.above)};
     static out_t entry(unsigned k) {{
-        static const out_t table[{table.size}] = {{
-            {_values(table)}}};
-        return table[k];
+        static const {_code_type(table.out_type)} codes[{table.size}] = {{
+            {_codes(table)}}};
+        out_t y;
+        y.range({table.out_type.width - 1}, 0) = codes[k];  // the raw code: no conversion, no rounding
+        return y;
     }}
 }};
 """
