@@ -410,3 +410,32 @@ def test_kernel_gradients_flow():
     xf, gf = x.detach().clone().requires_grad_(True), g.detach().clone().requires_grad_(True)
     (torch.nn.functional.layer_norm(xf, (32,), gf, None, 1e-5) * w).sum().backward()
     assert torch.allclose(x.grad, xf.grad) and torch.allclose(g.grad, gf.grad)
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_refusals_are_typed_one_liners():
+    from qfx_onnx.errors import ExportError
+    b = onnx_emit.OnnxBuilder()
+    with pytest.raises(ExportError, match="AP_RND_ZERO"):
+        onnx_emit.emit_cast(b, "x", FixedType.parse("ap_fixed<8,3,AP_RND_ZERO,AP_SAT>"))
+    with pytest.raises(ConfigError, match="8 values"):
+        softmax_exact(torch.zeros(2, 5, dtype=torch.float64), SoftmaxConfig.create("ap_fixed<8,3>", 8))
+    with pytest.raises(ConfigError, match="index"):
+        reciprocal_table("ap_ufixed<8,4>", index="piecewise")
+    with pytest.raises(ConfigError, match="2\\*\\*mant_bits"):
+        Log2Index(FixedType.parse("ap_ufixed<8,4>"), 3, 200, 4)
+    with pytest.raises(ConfigError, match="beyond-range"):
+        LookupTable.build("f", TableIndex.over("ap_fixed<8,3>"), "ap_fixed<8,3>", torch.tanh, above="wrap")
+    with pytest.raises(ValueError, match="identifier"):
+        cpp_emit.table_struct(exp_table("ap_fixed<9,4>"), "exp table")
+
+
+def test_float32_tensors_keep_their_dtype_and_values():
+    """The annotated graph runs float32 tensors: the same values (exact for <= 24-bit types)."""
+    cfg = SoftmaxConfig.create("ap_fixed<8,3>", 8)
+    x = torch.from_numpy(random_rows(cfg.in_type, 8, 50, np.random.default_rng(SEED + 3)))
+    y32 = softmax(x.float(), cfg)
+    assert y32.dtype == torch.float32 and torch.equal(y32.double(), softmax_exact(x, cfg))
+    table = gelu_table("ap_fixed<10,4>")
+    x = torch.from_numpy(all_codes("ap_fixed<10,4>"))
+    assert torch.equal(table(x.float()).double(), table.torch_lookup(x))
