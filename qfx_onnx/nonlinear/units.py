@@ -3,7 +3,9 @@
 parameters.
 
 Every factory takes the input :class:`FixedType`, the value range the table covers, the number of
-index bits (``2**bits`` entries at most; ``None`` for one entry per code) and the output type.
+index bits (``2**bits`` entries at most; ``None`` for one entry per code), the output type and,
+for ``reciprocal``/``rsqrt``, the index kind (``"log2"``: same relative resolution in every
+octave, :class:`~qfx_onnx.fixed.tables.Log2Index`; ``"uniform"``: :class:`TableIndex`).
 Output types default to ``AP_RND, AP_SAT`` so each entry is the nearest representable value.
 
 The error of a unit against its float function, for an input inside the covered range, is at most
@@ -25,10 +27,6 @@ from qfx_onnx.fixed.tables import Log2Index, LookupTable, TableIndex
 from qfx_onnx.fixed.types import FixedType
 
 DEFAULT_BITS = 10
-
-
-def _rnd_sat(text: str) -> FixedType:
-    return FixedType.parse(text).with_modes("AP_RND", "AP_SAT")
 
 
 # float functions (torch, float64): the entries come from these and so does the gradient
