@@ -5,7 +5,7 @@ One definition, three executions: the torch emulation (:mod:`.units`, :mod:`.ker
 (``cpp/nnet_qfx_nonlinear.h`` with structs from :mod:`.cpp_emit`), equal bit for bit.
 """
 
-from qfx_onnx.fixed.tables import LookupTable, TableIndex
+from qfx_onnx.fixed.tables import Log2Index, LookupTable, TableIndex
 from qfx_onnx.nonlinear.kernels import (
     LayerNormConfig, SoftmaxConfig, layer_norm, layer_norm_exact, softmax, softmax_exact,
 )
@@ -15,7 +15,7 @@ from qfx_onnx.nonlinear.units import (
 )
 
 __all__ = [
-    "LookupTable", "TableIndex", "SoftmaxConfig", "LayerNormConfig", "softmax", "softmax_exact",
+    "LookupTable", "TableIndex", "Log2Index", "SoftmaxConfig", "LayerNormConfig", "softmax", "softmax_exact",
     "layer_norm", "layer_norm_exact", "exp_table", "reciprocal_table", "rsqrt_table", "erf_table",
     "gelu_table", "sigmoid_table", "tanh_table", "max_abs_error",
 ]
