@@ -47,6 +47,8 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from qfx_onnx.fixed.cast import cast as _fixed_point_cast
+
 IR_OPS: dict[str, "IrOp"] = {}
 
 KINDS = ("linear", "arith", "move", "shape", "nonlinear")
@@ -409,6 +411,20 @@ def cast(x, *, to):
     if x.is_floating_point() and dtype.is_floating_point:
         return x
     return x.to(dtype)
+
+
+@ir_op("move", None)
+def fixed_cast(x, *, types, axis=None):
+    """The ``ap_fixed`` cast an imported quantizer fixes (QONNX ``Quant``, a QDQ pair): ``types``
+    is a type's text, or a tuple of per-channel types along ``axis``.
+
+    Only imported float graphs hold it: inserting the quantizers turns it into ``identity``
+    followed by a cast module of the same type (``qfx_onnx.quant.quantize.insert_quantizers``),
+    so no back end sees it."""
+    if axis is None:
+        return _fixed_point_cast(x, types)
+    parts = [_fixed_point_cast(x.select(axis, c), t) for c, t in enumerate(types)]
+    return torch.stack(parts, dim=axis)
 
 
 @functools.lru_cache(maxsize=512)
