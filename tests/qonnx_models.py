@@ -76,8 +76,8 @@ def tfc(hidden: int = 16, weight_bits: int = 1, act: str = "bipolar", seed: int 
         w = b.const("w", b.rng.standard_normal((width, hidden)) * 0.5)
         wq = _weight_quant(b, w, weight_bits, per_channel_shape=(1, hidden) if layer == 1 else None)
         h = b.node("MatMul", [x, wq])
-        h = b.node("Mul", [h, b.const("bn_a", b.rng.uniform(0.05, 0.2, hidden))])
-        h = b.node("Add", [h, b.const("bn_b", b.rng.uniform(-0.5, 0.5, hidden))])
+        h = b.node("Mul", [h, b.const("bn_a", b.rng.integers(3, 13, hidden) / 64)])  # dyadic: exact in ap_fixed
+        h = b.node("Add", [h, b.const("bn_b", b.rng.integers(-32, 33, hidden) / 64)])
         x = b.bipolar(h) if act == "bipolar" else b.quant(h, 2.0**-2, 2, signed=1, narrow=1)
         width = hidden
     w = b.const("w", b.rng.standard_normal((width, 10)) * 0.5)
@@ -103,8 +103,8 @@ def cnv(channels: int = 8, weight_bits: int = 2, seed: int = 1) -> onnx.ModelPro
         scale = 2.0 ** -b.rng.integers(0, 3, (channels, 1, 1, 1))
         wq = b.bipolar(w, 0.5) if weight_bits == 1 else b.quant(w, scale, weight_bits, signed=1, narrow=1)
         h = b.node("Conv", [x, wq], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
-        h = b.node("Mul", [h, b.const("bn_a", b.rng.uniform(0.05, 0.2, (1, channels, 1, 1)))])
-        h = b.node("Add", [h, b.const("bn_b", b.rng.uniform(-0.5, 0.5, (1, channels, 1, 1)))])
+        h = b.node("Mul", [h, b.const("bn_a", b.rng.integers(3, 13, (1, channels, 1, 1)) / 64)])
+        h = b.node("Add", [h, b.const("bn_b", b.rng.integers(-32, 33, (1, channels, 1, 1)) / 64)])
         x = b.bipolar(h) if layer != 1 else b.quant(h, 2.0**-1, 2, signed=1, narrow=1)
         if layer < 2:
             x = b.node("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])

@@ -86,7 +86,7 @@ def plan_quantizers(nodes: list[onnx.NodeProto], names: list[str], constants: di
         if pin is None:
             continue
         plan.node_pins[name] = pin
-        if kind == "BipolarQuant" or (kind in QONNX_QUANT_OPS and pin.types[0].width == 1):
+        if kind == "BipolarQuant" or (kind in QONNX_QUANT_OPS and _is_one_bit_signed(node, constants)):
             plan.bipolar.add(name)
         if node.output[0] in constants:  # folded at import (a weight's DequantizeLinear)
             plan.tensor_pins[node.output[0]] = pin
@@ -94,6 +94,11 @@ def plan_quantizers(nodes: list[onnx.NodeProto], names: list[str], constants: di
         shown = "; ".join(errors[:20]) + (f"; and {len(errors) - 20} more" if len(errors) > 20 else "")
         raise OnnxModelError(f"{label}: {len(errors)} quantizer(s) have no ap_fixed type: {shown}")
     return plan
+
+
+def _is_one_bit_signed(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> bool:
+    """A signed 1-bit IntQuant, which the executor runs as bipolar (``x >= 0 ? s : -s``)."""
+    return bool(_attr(node, "signed")) and np.asarray(constants[node.input[3]]).ravel()[0] == 1
 
 
 def _const(node: onnx.NodeProto, i: int, what: str, constants: dict[str, np.ndarray]) -> np.ndarray | None:

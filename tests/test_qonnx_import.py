@@ -1,0 +1,270 @@
+"""QONNX and QDQ models in: every imported quantizer is an ap_fixed cast that reproduces QONNX's
+own executor (``qonnx.core.onnx_exec.execute_onnx``) or onnxruntime value by value, ties included,
+and the whole model runs bit-exactly through quantize (onnxruntime verify) and export-hls --csim."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from qfx_onnx.errors import OnnxModelError, UnsupportedAttributeError
+from qfx_onnx.importer import load_onnx
+from qfx_onnx.importer.quant_types import QONNX_ROUNDING
+from qfx_onnx.quant.annotated import read_annotated
+from qfx_onnx_cli.main import app
+from qonnx_models import QONNX, Builder, cnv, qonnx_execute, single_quant_model, tfc
+
+pytest.importorskip("qonnx")
+
+
+def _probe(scale: float, bits: int, channels: int = 1, hairs: bool = True) -> np.ndarray:
+    """Every code of the range at its exact value, every tie (half an LSB between codes, also just
+    past both ends), values a hair off each tie, values far outside, and zeros of both signs."""
+    k = np.arange(-(2 ** bits) - 2, 2 ** bits + 2, dtype=np.float64)
+    ties = (k + 0.5) * scale
+    hair = np.concatenate([np.nextafter(ties.astype(np.float32), np.float32(np.inf)),
+                           np.nextafter(ties.astype(np.float32), np.float32(-np.inf))])
+    values = np.concatenate([k * scale, ties, hair if hairs else [], [1e6, -1e6, 0.0, -0.0, scale / 3, -scale / 3]])
+    values = values.astype(np.float32)
+    return np.tile(values, (channels, 1))
+
+
+CASES = [(bits, signed, narrow, mode) for bits in (2, 3, 8) for signed in (0, 1) for narrow in (0, 1)
+         for mode in sorted(QONNX_ROUNDING) if not (narrow and not signed)]
+
+
+@pytest.mark.parametrize("scale", [2.0 ** -3, 4.0])
+def test_quant_matches_the_executor_value_by_value(scale):
+    """Per tensor: every bit width / signed / narrow / rounding_mode the import maps, on every code,
+    tie and out-of-range value. The float graph (fixed_cast) and the quantized model (a pinned cast
+    module after identity) both equal the executor."""
+    from qfx_onnx.quant.quantize import quantize_graph
+
+    for bits, signed, narrow, mode in CASES:
+        x = _probe(scale, bits)
+        model = single_quant_model(list(x.shape), scale, bits, signed, narrow, mode)
+        expected = qonnx_execute(model, x)[model.graph.output[0].name]
+        gm = load_onnx(model)
+        got = gm(torch.from_numpy(x)).numpy()
+        case = f"bits={bits} signed={signed} narrow={narrow} {mode}"
+        expected = _without_half_up_artifact(x, scale, mode, got, expected)
+        np.testing.assert_array_equal(got, expected, err_msg=case)
+        fixed = quantize_graph(gm, [torch.from_numpy(x)])
+        np.testing.assert_array_equal(fixed.predict(x.astype(np.float64)), expected, err_msg=case)
+
+
+def _without_half_up_artifact(x, scale, mode, got, expected):
+    """The executor's HALF_UP is ``sign(y) * floor(|y| + 0.5)`` in float32: for the one float32
+    just below half an LSB, ``|y| + 0.5`` rounds up to 1.0, so it returns one LSB where exact
+    rounding (and AP_RND_INF) gives 0. Check that this is the only difference, then take ours there."""
+    if mode != "HALF_UP":
+        return expected
+    below_half = np.abs(x / np.asarray(scale, np.float32)) == np.nextafter(np.float32(0.5), np.float32(0))
+    differ = got != expected
+    assert not (differ & ~below_half).any()
+    return np.where(below_half, got, expected)
+
+
+def test_per_channel_weight_quant_matches_the_executor():
+    """A constant quantized per output channel (scales 2^0, 2^-1, 2^-3, 2^-2 along axis 0) becomes
+    one type per channel, the values as the executor computes them."""
+    b = Builder()
+    scales = np.array([1.0, 0.5, 0.125, 0.25]).reshape(4, 1)
+    w_values = np.concatenate([_probe(0.125, 3)[:, :40]] * 4, axis=0) * scales / 0.125
+    w = b.const("w", w_values)
+    for bits, signed, narrow, mode in [(3, 1, 1, "ROUND"), (4, 1, 0, "FLOOR"), (3, 0, 0, "HALF_UP"), (4, 1, 0, "DOWN")]:
+        b.nodes.clear()
+        b.inits[1:] = []
+        wq = b.quant(w, scales, bits, signed, narrow, mode)
+        y = b.node("Mul", ["x", wq])
+        model = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 40])],
+                        [helper.make_tensor_value_info(y, TensorProto.FLOAT, [4, 40])])
+        ones = np.ones((4, 40), np.float32)
+        expected = qonnx_execute(model, ones)[y]
+        gm = load_onnx(model)
+        (param,) = [n for n in gm.graph.nodes if n.op == "get_attr" and "pinned_type" in n.meta]
+        assert param.meta["pinned_axis"] == 0 and [t.frac for t in param.meta["pinned_type"]] == [0, 1, 3, 2]
+        got = gm(torch.from_numpy(ones)).detach().numpy()
+        expected = _without_half_up_artifact(w_values.astype(np.float32), scales, mode, got, expected)
+        np.testing.assert_array_equal(got, expected, err_msg=f"{bits} {mode}")
+
+
+def test_bipolar_and_one_bit_quant_match_the_executor():
+    x = _probe(0.5, 2)
+    for model in (single_quant_model(list(x.shape), 0.5, 1, 1, 0, "ROUND"),):
+        expected = qonnx_execute(model, x)[model.graph.output[0].name]
+        np.testing.assert_array_equal(load_onnx(model)(torch.from_numpy(x)).detach().numpy(), expected)
+    b = Builder()
+    y = b.bipolar("x", 0.25)
+    model = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                    [helper.make_tensor_value_info(y, TensorProto.FLOAT, list(x.shape))])
+    expected = qonnx_execute(model, x)[y]
+    assert set(np.unique(expected)) == {-0.25, 0.25}
+    np.testing.assert_array_equal(load_onnx(model)(torch.from_numpy(x)).detach().numpy(), expected)
+
+
+def test_even_zero_point_that_shifts_to_a_full_range_matches_the_executor():
+    """unsigned 8 bits with zero point 128 holds -128..127: ap_fixed<8>. (Without the values a
+    float32 ulp off a tie: the executor adds the zero point in float32, where ``y + 128`` loses
+    that ulp and the value rounds as the tie; the ap_fixed cast, like the spec's formula, is exact.)"""
+    x = _probe(0.25, 8, hairs=False)
+    for mode in ("ROUND", "FLOOR"):
+        model = single_quant_model(list(x.shape), 0.25, 8, 0, 0, mode, zero_point=128.0)
+        expected = qonnx_execute(model, x)[model.graph.output[0].name]
+        np.testing.assert_array_equal(load_onnx(model)(torch.from_numpy(x)).detach().numpy(), expected, err_msg=mode)
+
+
+def test_every_unmappable_quantizer_is_named_in_one_message():
+    b = Builder()
+    h = b.quant("x", 0.25, 4, mode="CEIL")
+    h = b.quant(h, 0.25, 4, mode="UP")
+    h = b.quant(h, 0.3, 4)
+    h = b.quant(h, 0.25, 4, zero_point=3.0)
+    h = b.quant(h, 0.25, 4, signed=0, narrow=1)
+    model = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                    [helper.make_tensor_value_info(h, TensorProto.FLOAT, ["N", 4])])
+    with pytest.raises(OnnxModelError) as err:
+        load_onnx(model)
+    message = str(err.value)
+    assert "\n" not in message and "5 quantizer(s) have no ap_fixed type" in message
+    for part in ("'quant_4'", "'CEIL'", "'UP'", "scale 0.300000012 is not a power of two", "zero point 3",
+                 "[0, 14] is not the range"):
+        assert part in message, part
+
+
+def _qdq_model(int_type: int, zero_point: int, weight_zero_point: int = 0) -> onnx.ModelProto:
+    """x -> Q/DQ (activation, per tensor) -> MatMul with a per-channel int8 DQ weight -> Q/DQ."""
+    np_type = helper.tensor_dtype_to_np_dtype(int_type)
+    rng = np.random.default_rng(3)
+    inits = [
+        numpy_helper.from_array(np.float32(2.0 ** -4), "sx"), numpy_helper.from_array(np.array(zero_point, np_type), "zx"),
+        numpy_helper.from_array(rng.integers(-127, 128, (6, 5)).astype(np.int8), "wq"),
+        numpy_helper.from_array((2.0 ** -rng.integers(2, 6, 5)).astype(np.float32), "sw"),
+        numpy_helper.from_array(np.zeros(5, np.int8) + np.int8(weight_zero_point), "zw"),
+        numpy_helper.from_array(np.float32(2.0 ** -2), "sy"), numpy_helper.from_array(np.array(zero_point, np_type), "zy"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"], name="qx"),
+        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"], name="dqx"),
+        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["w"], name="dqw", axis=1),
+        helper.make_node("MatMul", ["xd", "w"], ["h"], name="mm"),
+        helper.make_node("QuantizeLinear", ["h", "sy", "zy"], ["hq"], name="qh"),
+        helper.make_node("DequantizeLinear", ["hq", "sy", "zy"], ["y"], name="dqh"),
+    ]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("int_type,zero_point", [(TensorProto.INT8, 0), (TensorProto.UINT8, 0), (TensorProto.UINT8, 128)])
+def test_qdq_matches_onnxruntime(int_type, zero_point):
+    import onnxruntime as ort
+
+    model = _qdq_model(int_type, zero_point)
+    x = np.concatenate([_probe(2.0 ** -4, 8)[0][:, None].repeat(6, 1), np.random.default_rng(0).normal(0, 4, (200, 6))]).astype(np.float32)
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    gm = load_onnx(model)
+    np.testing.assert_array_equal(gm(torch.from_numpy(x)).detach().numpy(), expected)
+    (w,) = [n for n in gm.graph.nodes if n.meta.get("onnx_name") == "w"]
+    assert w.meta["pinned_axis"] == 1 and all(str(t).startswith("ap_fixed<8,") for t in w.meta["pinned_type"])
+
+
+def test_qdq_zero_point_outside_a_full_range_is_an_error():
+    with pytest.raises(OnnxModelError, match=r"node 'dqx' \(DequantizeLinear\) tensor 'xd': zero point 3"):
+        load_onnx(_qdq_model(TensorProto.UINT8, 3))
+
+
+def test_quantize_static_model_names_its_scales():
+    """onnxruntime's own quantizer writes scales that are not powers of two: each is named."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    import tempfile, pathlib
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.5, (8, 4)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "f",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"x": rng.normal(0, 1, (16, 8)).astype(np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = pathlib.Path(tmp, "f.onnx"), pathlib.Path(tmp, "q.onnx")
+        onnx.save(model, src)
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, extra_options={"ActivationSymmetric": True})
+        with pytest.raises(OnnxModelError) as err:
+            load_onnx(dst)
+    message = str(err.value)
+    assert "is not a power of two" in message and "DequantizeLinear" in message and "approximate" in message
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end through the CLI
+
+runner = CliRunner()
+WIDE = ["--weight-bits", 16, "--act-bits", 16, "--elementwise-bits", 16, "--bias-bits", 16]
+
+
+@pytest.mark.parametrize("make,shape", [(tfc, (64,)), (cnv, (1, 8, 8))], ids=["tfc", "cnv"])
+def test_quantize_keeps_imported_types_and_equals_the_executor(tmp_path, make, shape):
+    """quantize keeps every imported type, verifies bit-exactly in onnxruntime, and where the
+    formats it adds are wide enough to be lossless the output equals QONNX's executor bit for
+    bit; export-hls --csim on the result is bit-exact too (cnv only: one compile)."""
+    model = make()
+    onnx.save(model, tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    x = (rng.integers(0, 64, (48, *shape)) / 64).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    out = tmp_path / "m.qfx.onnx"
+    result = runner.invoke(app, [str(a) for a in ["quantize", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "-o", out, *WIDE]])
+    assert result.exit_code == 0, result.output
+    assert "bit for bit" in result.output
+    fixed = read_annotated(out)
+    types = fixed.fixed_types()
+    gm = load_onnx(model)
+    for node in gm.graph.nodes:
+        if "pinned_type" in node.meta and node.meta.get("onnx_name") in types:
+            assert types[node.meta["onnx_name"]] == node.meta["pinned_type"], node.meta["onnx_name"]
+    quant_outputs = [n.output[0] for n in model.graph.node if n.domain == QONNX]
+    reference = qonnx_execute(model, x, quant_outputs + [model.graph.output[0].name])
+    np.testing.assert_array_equal(fixed.predict(x.astype(np.float64)), reference[model.graph.output[0].name])
+    if make is cnv:
+        hls = tmp_path / "hls"
+        result = runner.invoke(app, [str(a) for a in ["export-hls", out, "-o", hls, "--data", tmp_path / "d.npz",
+                                                      "--test-vectors", 16, "--csim", "--jobs", 1]])
+        assert result.exit_code == 0, result.output
+        assert "csim: bit-exact with the PyTorch emulation" in result.output and "0 mismatches" in result.output
+
+
+def test_default_formats_round_what_the_model_leaves_in_float(tmp_path):
+    """At default widths the imported types stay, and qfx-onnx's own 8-bit formats round the
+    accumulators: the result may differ from the executor, but only past the Quant outputs."""
+    model = tfc()
+    onnx.save(model, tmp_path / "m.onnx")
+    x = (np.random.default_rng(1).integers(0, 64, (32, 64)) / 64).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    result = runner.invoke(app, [str(a) for a in ["quantize", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "-o", tmp_path / "o.onnx"]])
+    assert result.exit_code == 0, result.output
+    types = read_annotated(tmp_path / "o.onnx").fixed_types()
+    assert str(types["quant_4"]) == "ap_ufixed<8,4,AP_RND_CONV,AP_SAT>"
+    assert str(types["x"]) == "ap_ufixed<8,4,AP_RND_CONV,AP_SAT>"  # the input only the Quant reads enters in its type
+
+
+def test_cli_error_is_one_line(tmp_path):
+    model = single_quant_model(["N", 4], 0.25, 4, 1, 0, "CEIL")
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 4), np.float32))
+    result = runner.invoke(app, [str(a) for a in ["quantize", tmp_path / "m.onnx", "--data", tmp_path / "d.npz"]])
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output and "'CEIL'" in result.output and "quant_4" in result.output
