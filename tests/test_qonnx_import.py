@@ -268,3 +268,17 @@ def test_cli_error_is_one_line(tmp_path):
     result = runner.invoke(app, [str(a) for a in ["quantize", tmp_path / "m.onnx", "--data", tmp_path / "d.npz"]])
     assert result.exit_code != 0
     assert "Traceback" not in result.output and "'CEIL'" in result.output and "quant_4" in result.output
+
+
+def test_recalibrate_imported_moves_only_the_binary_point(tmp_path):
+    """--recalibrate-imported calibrates the imported types' binary points on the data (here the
+    first Quant's ap_ufixed<8,4> gets the finer grid max calibration picks for inputs in [0, 1)), keeping
+    width, sign and modes."""
+    model = tfc()
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=(np.random.default_rng(1).integers(0, 64, (32, 64)) / 64).astype(np.float32))
+    result = runner.invoke(app, [str(a) for a in ["quantize", tmp_path / "m.onnx", "--data", tmp_path / "d.npz",
+                                                  "-o", tmp_path / "o.onnx", "--recalibrate-imported"]])
+    assert result.exit_code == 0, result.output
+    t = read_annotated(tmp_path / "o.onnx").fixed_types()["quant_4"]
+    assert (t.width, t.signed, t.q.value, t.o.value) == (8, False, "AP_RND_CONV", "AP_SAT") and t.integer < 4  # imported: <8,4>

@@ -46,14 +46,16 @@ def _has_splits(spec: str | os.PathLike) -> bool:
 def quantize(model: str | os.PathLike | onnx.ModelProto | fx.GraphModule,
              data: str | os.PathLike | torch.Tensor | np.ndarray, *, policy: Policy | None = None, config: str | os.PathLike | None = None,
              method: str = "max", calib_samples: int = 512, fold_bn: bool = False, per_channel: bool = False,
-             **policy_flags) -> FixedPointModel:
+             recalibrate_imported: bool = False, **policy_flags) -> FixedPointModel:
     """Post-training quantization of a float ONNX model: every tensor becomes an ``ap_fixed``.
 
     ``data`` is a dataset spec (``.npz``/``.npy``/``module:function``; the train split when the
     .npz has one) or a tensor or numpy array of inputs (samples along axis 0); the first
     ``calib_samples`` samples calibrate the binary points with ``method`` (``max``,
     ``percentile`` or ``mse``). The policy comes from ``policy``, or from ``config`` (TOML/JSON)
-    and keyword flags such as ``weight_bits=6``. Raises DataError for data holding NaN or
+    and keyword flags such as ``weight_bits=6``. A QONNX or QDQ model's own quantizers fix the
+    types of their tensors (see :mod:`qfx_onnx.importer.quant_ops`); they are kept as given unless
+    ``recalibrate_imported``, which calibrates their binary points. Raises DataError for data holding NaN or
     infinities (naming the first bad sample) or not fitting the model's input.
     """
     gm = model if isinstance(model, fx.GraphModule) else load_onnx(model)
@@ -70,4 +72,5 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | fx.GraphModule,
         fold_batchnorm(gm)
     policy = policy or load_policy(config, **policy_flags)
     batches = torch.split(x[:calib_samples], 256)
-    return quantize_graph(gm, batches, policy, method, per_channel_weights=per_channel)
+    return quantize_graph(gm, batches, policy, method, per_channel_weights=per_channel,
+                          recalibrate_imported=recalibrate_imported)
