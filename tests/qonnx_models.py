@@ -116,20 +116,32 @@ def cnv(channels: int = 8, weight_bits: int = 2, seed: int = 1) -> onnx.ModelPro
                    [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", 10])])
 
 
-def qonnx_execute(model: onnx.ModelProto, x: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+def qonnx_execute(model: onnx.ModelProto, x: np.ndarray, outputs: list[str] | None = None,
+                  cleanup: bool = False) -> dict[str, np.ndarray]:
     """QONNX's own executor (``qonnx.core.onnx_exec.execute_onnx``) on ``x``, the batch fixed to
     ``len(x)`` (the executor needs static shapes); every tensor named in ``outputs`` (default: the
-    graph outputs)."""
+    graph outputs). ``cleanup``: first ``qonnx.util.cleanup.cleanup_model``, as QONNX's tools do
+    with an exporter's output (a Brevitas export needs it; the batch stays the exported one)."""
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.core.onnx_exec import execute_onnx
     from qonnx.transformation.infer_shapes import InferShapes
 
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]  # shapes at the exported batch; the executor infers its own
     for value in [*fixed.graph.input, *fixed.graph.output]:
+        if not value.type.tensor_type.shape.dim:
+            continue
         dim = value.type.tensor_type.shape.dim[0]
         dim.Clear()
         dim.dim_value = len(x)
+    if cleanup:
+        from qonnx.util.cleanup import cleanup_model
+
+        wrapper = cleanup_model(ModelWrapper(model))
+        names = outputs or [o.name for o in wrapper.graph.output]
+        result = execute_onnx(wrapper, {wrapper.graph.input[0].name: x}, return_full_exec_context=bool(outputs))
+        return {n: np.asarray(result[n]) for n in names}
     wrapper = ModelWrapper(fixed).transform(InferShapes())
     names = outputs or [o.name for o in model.graph.output]
     result = execute_onnx(wrapper, {model.graph.input[0].name: x}, return_full_exec_context=bool(outputs))

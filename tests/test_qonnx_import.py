@@ -4,6 +4,8 @@ and the whole model runs bit-exactly through quantize (onnxruntime verify) and e
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -282,3 +284,32 @@ def test_recalibrate_imported_moves_only_the_binary_point(tmp_path):
     assert result.exit_code == 0, result.output
     t = read_annotated(tmp_path / "o.onnx").fixed_types()["quant_4"]
     assert (t.width, t.signed, t.q.value, t.o.value) == (8, False, "AP_RND_CONV", "AP_SAT") and t.integer < 4  # imported: <8,4>
+
+
+BREVITAS_CNN = Path(__file__).resolve().parent / "data" / "brevitas_cnn.onnx"
+
+
+def test_brevitas_cnn_end_to_end(tmp_path):
+    """A Brevitas QONNX export (tests/make_brevitas_cnn.py: per-channel power-of-two 4-bit weights,
+    4-bit unsigned activations): per-channel weight types as exported, quantize keeps them and
+    equals QONNX's executor bit for bit at wide enough formats for what the model leaves in float
+    (the conv accumulators), and export-hls --csim is bit-exact."""
+    model = onnx.load(BREVITAS_CNN)
+    x = np.random.default_rng(2).uniform(-1, 1, (32, 1, 8, 8)).astype(np.float32)
+    gm = load_onnx(model)
+    weights = [n for n in gm.graph.nodes if n.op == "get_attr" and n.meta.get("pinned_axis") == 0]
+    assert len(weights) >= 2 and all(len({t.frac for t in n.meta["pinned_type"]}) == 4 for n in weights[:2])
+    # cleanup keeps the exported batch of 1 and renames the output: one sample at a time, the only output
+    expected = np.concatenate([next(iter(qonnx_execute(model, x[i:i + 1], cleanup=True).values())) for i in range(8)])
+    np.testing.assert_array_equal(gm(torch.from_numpy(x[:8])).detach().numpy(), expected)
+    onnx.save(model, tmp_path / "b.onnx")
+    np.savez(tmp_path / "d.npz", x=x)
+    out = tmp_path / "b.qfx.onnx"
+    result = runner.invoke(app, [str(a) for a in ["quantize", tmp_path / "b.onnx", "--data", tmp_path / "d.npz", "-o", out, *WIDE]])
+    assert result.exit_code == 0, result.output
+    assert "bit for bit" in result.output
+    np.testing.assert_array_equal(read_annotated(out).predict(x[:8].astype(np.float64)), expected)
+    result = runner.invoke(app, [str(a) for a in ["export-hls", out, "-o", tmp_path / "hls", "--data", tmp_path / "d.npz",
+                                                  "--test-vectors", 16, "--csim", "--jobs", 1]])
+    assert result.exit_code == 0, result.output
+    assert "csim: bit-exact with the PyTorch emulation" in result.output and "0 mismatches" in result.output
