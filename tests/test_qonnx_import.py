@@ -180,35 +180,66 @@ def test_qdq_zero_point_outside_a_full_range_is_an_error():
         load_onnx(_qdq_model(TensorProto.UINT8, 3))
 
 
-def test_quantize_static_model_names_its_scales():
-    """onnxruntime's own quantizer writes scales that are not powers of two: each is named."""
+def _quantize_static_model(folder) -> tuple[Path, np.ndarray]:
+    """A MatMul -> Relu -> MatMul float model through onnxruntime's quantize_static (QDQ, int8,
+    symmetric: zero points 0, scales that are not powers of two), and its calibration inputs."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    import tempfile, pathlib
     rng = np.random.default_rng(0)
-    w = rng.normal(0, 0.5, (8, 4)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "f",
+    w1, w2 = rng.normal(0, 0.5, (8, 6)).astype(np.float32), rng.normal(0, 0.5, (6, 4)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+                               helper.make_node("MatMul", ["r", "w2"], ["y"])], "f",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
-                              [numpy_helper.from_array(w, "w")])
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = rng.normal(0, 1, (64, 8)).astype(np.float32)
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{"x": rng.normal(0, 1, (16, 8)).astype(np.float32)} for _ in range(4)])
+            self.batches = iter([{"x": x[i:i + 16]} for i in range(0, 64, 16)])
 
         def get_next(self):
             return next(self.batches, None)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        src, dst = pathlib.Path(tmp, "f.onnx"), pathlib.Path(tmp, "q.onnx")
-        onnx.save(model, src)
-        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-                        weight_type=QuantType.QInt8, extra_options={"ActivationSymmetric": True})
-        with pytest.raises(OnnxModelError) as err:
-            load_onnx(dst)
+    src, dst = Path(folder, "f.onnx"), Path(folder, "q.onnx")
+    onnx.save(model, src)
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8, per_channel=True, extra_options={"ActivationSymmetric": True})
+    return dst, x
+
+
+def test_quantize_static_scales_are_named_or_approximated(tmp_path, caplog):
+    """Without the option each scale that is not a power of two is named in one message; with
+    approximate_scales=16 the model imports, the warning states the largest relative error, and
+    the result stays within that error of onnxruntime on the QDQ model where the output codes
+    agree (a value on a rounding boundary may move by one code: one LSB), and quantize verifies."""
+    import onnxruntime as ort
+
+    path, x = _quantize_static_model(tmp_path)
+    with pytest.raises(OnnxModelError) as err:
+        load_onnx(path)
     message = str(err.value)
-    assert "is not a power of two" in message and "DequantizeLinear" in message and "approximate" in message
+    assert "\n" not in message and "is not a power of two" in message and "approximate" in message
+    assert message.count("DequantizeLinear") >= 4  # input, both weights, the hidden activation, the output
+    with caplog.at_level("WARNING"):
+        gm = load_onnx(path, approximate_scales=16)
+    assert "approximated by 16-bit fixed-point multipliers; largest relative error" in caplog.text
+    expected = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    got = gm(torch.from_numpy(x)).detach().numpy()
+    y_scale = float(np.abs(expected).max()) / 127
+    codes_equal = np.round(got / y_scale) == np.round(expected / y_scale)
+    assert np.abs(got - expected).max() <= y_scale * 1.01 and codes_equal.mean() > 0.95
+    assert np.abs(got - expected)[codes_equal].max() <= 1e-4 * np.abs(expected).max()
+    result = runner.invoke(app, [str(a) for a in ["quantize", path, "--data", _npz(tmp_path, x), "-o", tmp_path / "q.qfx.onnx",
+                                                  "--approximate-scales", 16]])
+    assert result.exit_code == 0, result.output
+    assert "bit for bit" in result.output
+
+
+def _npz(folder, x) -> Path:
+    np.savez(Path(folder, "d.npz"), x=x)
+    return Path(folder, "d.npz")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -60,18 +60,22 @@ class PreparedModel:
     quant_plan: QuantPlan = field(default_factory=QuantPlan)
 
 
-def load_onnx(source: str | os.PathLike | onnx.ModelProto) -> fx.GraphModule:
+def load_onnx(source: str | os.PathLike | onnx.ModelProto, *, approximate_scales: int | None = None) -> fx.GraphModule:
     """Import a float ONNX model as a torch.fx GraphModule that reproduces onnxruntime's outputs.
 
     The graph follows the contract in :mod:`qfx_onnx.importer`. Raises OnnxModelError for an
     unreadable or invalid model, UnsupportedOpError (listing every unsupported op at once) before
     any conversion work, and UnsupportedAttributeError for an attribute value no converter handles.
+    A QONNX or QDQ model's quantizers become fixed ``ap_fixed`` types
+    (:mod:`qfx_onnx.importer.quant_ops`); one whose scale is not a power of two is an error unless
+    ``approximate_scales`` gives the bits of the fixed-point multipliers that approximate it.
     """
-    prepared = prepare(source)
+    prepared = prepare(source, approximate_scales=approximate_scales)
     return build_graph(prepared)
 
 
-def prepare(source: str | os.PathLike | onnx.ModelProto, *, raise_unsupported: bool = True) -> PreparedModel:
+def prepare(source: str | os.PathLike | onnx.ModelProto, *, raise_unsupported: bool = True,
+            approximate_scales: int | None = None) -> PreparedModel:
     """Stages 1-2: read and check the model, infer shapes, plan folding, check op support."""
     model, label = read_model(source)
     opset = check_opset(_default_opset(model), label)
@@ -89,7 +93,7 @@ def prepare(source: str | os.PathLike | onnx.ModelProto, *, raise_unsupported: b
     unsupported = find_unsupported(remaining, opset, domain_opsets)
     if unsupported and raise_unsupported:
         raise unsupported_error(unsupported, opset, label)
-    quant_plan = plan_quantizers(list(model.graph.node), names, constants, infos, label)
+    quant_plan = plan_quantizers(list(model.graph.node), names, constants, infos, label, approximate_scales)
     return PreparedModel(model, label, opset, names, infos, constants, folding.folded, unsupported,
                          folding.producers, folding.partials, fixed_batch, domain_opsets, quant_plan)
 

@@ -20,6 +20,7 @@ calibrating one, unless asked to recalibrate.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,11 +30,13 @@ from qfx_onnx.errors import OnnxModelError
 from qfx_onnx.fixed.reference import reference_cast
 from qfx_onnx.importer.context import NodeContext, TensorInfo
 from qfx_onnx.importer.quant_types import (
-    Pin, QuantTypeError, bipolar_pin, quant_pin, rounding_of,
+    Approximation, Pin, QuantTypeError, approximate, bipolar_pin, power_of_two_exponents, quant_pin, rounding_of,
 )
 from qfx_onnx.importer.registry import DEFAULT_DOMAINS, QONNX_DOMAIN, canonical_domain, converter
 from qfx_onnx.fixed.types import FixedType, QuantMode
 from qfx_onnx.ir import ops
+
+log = logging.getLogger(__name__)
 
 QONNX_QUANT_OPS = ("Quant", "IntQuant")
 _SIGN_TYPE = FixedType.parse("ap_fixed<1,1,AP_TRN,AP_SAT>")  # -1 below zero, 0 from zero on
@@ -54,6 +57,7 @@ class QuantPlan:
     node_pins: dict[str, Pin] = field(default_factory=dict)
     tensor_pins: dict[str, Pin] = field(default_factory=dict)
     bipolar: set[str] = field(default_factory=set)  # node names whose pin is a BipolarQuant's
+    approximations: dict[str, Approximation] = field(default_factory=dict)  # by node name
 
 
 def _is_qonnx(node: onnx.NodeProto) -> bool:
@@ -69,27 +73,43 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
 
 
 def plan_quantizers(nodes: list[onnx.NodeProto], names: list[str], constants: dict[str, np.ndarray],
-                    infos: dict[str, TensorInfo], label: str) -> QuantPlan:
+                    infos: dict[str, TensorInfo], label: str, approximate_scales: int | None = None) -> QuantPlan:
     """The type of every QONNX and QDQ quantizer in ``nodes`` (folded ones too: a folded
     DequantizeLinear leaves a pinned weight). Raises one OnnxModelError listing every quantizer
-    that has no ``ap_fixed`` type."""
+    that has no ``ap_fixed`` type.
+
+    ``approximate_scales`` (bits): a scale that is not a power of two is then approximated by
+    ``approximate_scales``-bit multipliers (:func:`~qfx_onnx.importer.quant_types.approximate`);
+    a folded weight's values become ``code * s~`` in ``constants``. A warning names the largest
+    relative error introduced."""
+    if approximate_scales is not None and not 2 <= approximate_scales <= 24:
+        raise OnnxModelError(f"{label}: approximate_scales={approximate_scales}: the multipliers take 2 to 24 bits")
     plan, errors = QuantPlan(), []
     for name, node in zip(names, nodes):
         kind = node.op_type if (_is_qonnx(node) or node.domain in DEFAULT_DOMAINS) else None
         if kind not in (*QONNX_QUANT_OPS, "BipolarQuant", "DequantizeLinear") or (kind != "DequantizeLinear") != _is_qonnx(node):
             continue
         try:
-            pin = _plan_node(node, constants, infos)
+            pin = _plan_node(node, constants, infos, approximate_scales)
         except QuantTypeError as exc:
             errors.append(f"node {name!r} ({node.op_type}) tensor {node.output[0]!r}: {exc}")
             continue
-        if pin is None:
+        if isinstance(pin, Approximation):
+            plan.approximations[name] = pin
+            if node.output[0] in constants:
+                constants[node.output[0]] = _approximated_weight(node, pin, constants)
+                plan.tensor_pins[node.output[0]] = pin.out_pin()
             continue
         plan.node_pins[name] = pin
         if kind == "BipolarQuant" or (kind in QONNX_QUANT_OPS and _is_one_bit_signed(node, constants)):
             plan.bipolar.add(name)
         if node.output[0] in constants:  # folded at import (a weight's DequantizeLinear)
             plan.tensor_pins[node.output[0]] = pin
+    if plan.approximations:
+        worst_name, worst = max(plan.approximations.items(), key=lambda item: item[1].max_rel_error)
+        log.warning("%s: %d scale(s) that are not powers of two approximated by %d-bit fixed-point multipliers; "
+                    "largest relative error %.3g (node %r)", label, len(plan.approximations), worst.bits,
+                    worst.max_rel_error, worst_name)
     if errors:
         shown = "; ".join(errors[:20]) + (f"; and {len(errors) - 20} more" if len(errors) > 20 else "")
         raise OnnxModelError(f"{label}: {len(errors)} quantizer(s) have no ap_fixed type: {shown}")
@@ -117,7 +137,8 @@ def _rank(name: str, constants: dict[str, np.ndarray], infos: dict[str, TensorIn
     return len(info.shape) if info is not None and info.shape is not None else None
 
 
-def _plan_node(node: onnx.NodeProto, constants: dict[str, np.ndarray], infos: dict[str, TensorInfo]) -> Pin | None:
+def _plan_node(node: onnx.NodeProto, constants: dict[str, np.ndarray], infos: dict[str, TensorInfo],
+               approx_bits: int | None) -> Pin | Approximation:
     rank = _rank(node.input[0], constants, infos)
     if node.op_type == "BipolarQuant":
         return bipolar_pin(_const(node, 1, "scale", constants), rank)
@@ -135,11 +156,13 @@ def _plan_node(node: onnx.NodeProto, constants: dict[str, np.ndarray], infos: di
             if np.any(np.asarray(zero_point) != 0):
                 raise QuantTypeError("a signed 1-bit Quant with a zero point has no defined meaning")
             return bipolar_pin(scale, rank)
+        if approx_bits and power_of_two_exponents(scale) is None:
+            return approximate(scale, zero_point, width, bool(signed), bool(narrow), q, rank, approx_bits)
         return quant_pin(scale, zero_point, width, bool(signed), bool(narrow), q, rank)
-    return _plan_dequantize(node, constants, infos, rank)
+    return _plan_dequantize(node, constants, infos, rank, approx_bits)
 
 
-def _plan_dequantize(node, constants, infos, rank) -> Pin:
+def _plan_dequantize(node, constants, infos, rank, approx_bits) -> Pin | Approximation:
     """A DequantizeLinear: of an integer constant (a weight stored quantized) or of a QuantizeLinear."""
     if _attr(node, "block_size", 0):
         raise QuantTypeError("blocked quantization (block_size) is not supported")
@@ -153,7 +176,27 @@ def _plan_dequantize(node, constants, infos, rank) -> Pin:
     if np.asarray(scale).ndim == 1 and np.asarray(scale).size > 1 and rank is not None:
         scale = np.asarray(scale).reshape([-1 if d == axis % rank else 1 for d in range(rank)])
     zp = np.zeros(1) if zero_point is None else zero_point
+    if approx_bits and power_of_two_exponents(scale) is None:
+        return approximate(scale, zp, width, signed, False, QuantMode.RND_CONV, rank, approx_bits, round_then_shift=True)
     return quant_pin(scale, zp, width, signed, False, QuantMode.RND_CONV, rank, round_then_shift=True)
+
+
+def _approximated_weight(node: onnx.NodeProto, approx: Approximation, constants: dict[str, np.ndarray]) -> np.ndarray:
+    """A folded DequantizeLinear's weight as ``(q - z) * s~``, one ``s~`` per channel."""
+    codes = constants[node.input[0]].astype(np.float64)
+    if len(node.input) > 2 and node.input[2]:
+        zp = np.asarray(constants[node.input[2]], dtype=np.float64)
+        codes = codes - (zp.reshape(_channel_shape(approx.axis, codes.ndim)) if zp.size > 1 else zp.ravel()[0])
+    return (codes * _multipliers(approx.scale, approx.axis, codes.ndim)).astype(np.float32)
+
+
+def _channel_shape(axis: int | None, rank: int) -> list[int]:
+    return [-1 if d == axis else 1 for d in range(rank)]
+
+
+def _multipliers(pairs: tuple[tuple[int, int], ...], axis: int | None, rank: int) -> np.ndarray | float:
+    values = np.array([np.ldexp(float(m), -f) for m, f in pairs])
+    return values.reshape(_channel_shape(axis, rank)) if axis is not None else float(values[0])
 
 
 def _elem_type(name: str, constants: dict[str, np.ndarray], infos: dict[str, TensorInfo]) -> int | None:
@@ -180,6 +223,10 @@ def _pin(ctx: NodeContext) -> Pin:
 
 def _apply(ctx: NodeContext, x_index: int = 0) -> None:
     """Bind the node's output: the quantized constant, or ``fixed_cast`` of the runtime input."""
+    approx = ctx.builder.quant_plan.approximations.get(ctx.name)
+    if approx is not None:
+        _apply_approximation(ctx, approx, x_index)
+        return
     pin = _pin(ctx)
     if ctx.name in ctx.builder.quant_plan.bipolar:
         _bipolar(ctx, pin)
@@ -212,6 +259,27 @@ def _cast_array(values: np.ndarray, pin: Pin) -> np.ndarray:
         index = tuple(c if d == pin.axis else slice(None) for d in range(x.ndim))
         out[index] = reference_cast(x[index], t)
     return out.astype(np.float32)
+
+
+def _apply_approximation(ctx: NodeContext, approx: Approximation, x_index: int) -> None:
+    """``code = T_code(x * (1/s)~)``, ``y = code * s~`` (see :class:`Approximation`); a constant
+    is computed at import from the codes the executor would give it."""
+    if ctx.is_const(x_index):
+        x = np.asarray(ctx.const(x_index), dtype=np.float32)
+        scale = np.asarray(ctx.const(1), dtype=np.float32)
+        codes = reference_cast((x / scale).astype(np.float64), approx.code)  # x / s in float32, as the executor
+        ctx.const_output((codes * _multipliers(approx.scale, approx.axis, x.ndim)).astype(np.float32), approx.out_pin())
+        return
+    if approx.axis is not None:
+        raise ctx.error(f"tensor {ctx.output_name()!r}: per-channel scales on a runtime tensor (not a weight) are not supported")
+    (inverse,), (scale,) = approx.inverse, approx.scale
+    m = ctx.synth_pinned("inverse_scale", np.ldexp(float(inverse[0]), -inverse[1]), Pin((approx.multiplier_type(inverse, approx.bits),)))
+    scaled = ctx.internal(ops.mul, ctx.input(x_index), m)
+    code = ctx.named_internal(ops.fixed_cast, scaled, what="code", types=str(approx.code), axis=None)
+    code.meta.update(Pin((approx.code,)).meta())
+    s = ctx.synth_pinned("scale", np.ldexp(float(scale[0]), -scale[1]), Pin((approx.multiplier_type(scale, approx.bits),)))
+    out = ctx.emit(ops.mul, code, s)
+    out.meta.update(Pin(approx.out).meta())
 
 
 def _bipolar(ctx: NodeContext, pin: Pin) -> None:

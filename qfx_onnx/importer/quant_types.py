@@ -32,6 +32,7 @@ are integers and every mode above is monotone and leaves integers alone.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -190,3 +191,63 @@ def bipolar_pin(scale: np.ndarray, rank: int | None) -> Pin:
 def _show(values: np.ndarray) -> str:
     text = ", ".join(f"{v:.9g}" for v in values[:3])
     return text if values.size == 1 else f"[{text}{', ...' if values.size > 3 else ''}]"
+
+
+# --------------------------------------------------------------------------------------------------
+# approximating a scale that is not a power of two
+
+
+def multiplier(value: float, bits: int) -> tuple[int, int]:
+    """``(M, F)``: the nearest ``M * 2**-F`` to ``value > 0`` with ``M`` an integer of ``bits``
+    bits (``2**(bits-1) <= M < 2**bits``; ties to even)."""
+    exponent = math.frexp(value)[1]  # value = f * 2**exponent, 0.5 <= f < 1
+    frac = bits - exponent
+    m = round(math.ldexp(value, frac))
+    if m == 1 << bits:  # rounded up to the next power of two
+        m, frac = m >> 1, frac - 1
+    return m, frac
+
+
+@dataclass(frozen=True)
+class Approximation:
+    """A quantizer with a scale ``s`` that is no power of two, computed in fixed point:
+    ``code = T_code(x * (1/s)~)``, ``y = code * s~``, with ``(1/s)~`` and ``s~`` the nearest
+    ``bits``-bit multipliers (one per channel of ``axis`` for a weight). ``out`` holds the exact
+    product of each channel; ``max_rel_error`` is the largest relative error of ``s~`` and ``(1/s)~``."""
+
+    code: FixedType
+    inverse: tuple[tuple[int, int], ...]
+    scale: tuple[tuple[int, int], ...]
+    out: tuple[FixedType, ...]
+    axis: int | None
+    bits: int
+    max_rel_error: float
+
+    def out_pin(self) -> Pin:
+        return Pin(self.out, self.axis)
+
+    @staticmethod
+    def multiplier_type(mf: tuple[int, int], bits: int) -> FixedType:
+        """The ``ap_ufixed`` holding ``M * 2**-F`` exactly."""
+        return FixedType(bits, bits - mf[1], False)
+
+
+def approximate(scale: np.ndarray, zero_point: np.ndarray, width: int, signed: bool, narrow: bool, q: QuantMode,
+                rank: int | None, bits: int, *, round_then_shift: bool = False) -> Approximation:
+    """The :class:`Approximation` of a quantizer whose scale is not a power of two."""
+    if not 1 <= width <= MAX_IMPORT_WIDTH:
+        raise QuantTypeError(f"bit width {width} is outside 1..{MAX_IMPORT_WIDTH}")
+    s = np.asarray(scale, dtype=np.float64)
+    if not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise QuantTypeError(f"scale {_show(s.ravel())} is not positive and finite")
+    axis = channel_axis(s, rank)
+    values = s.ravel().tolist() if axis is not None else [float(s.ravel()[0])]
+    lo, hi = int_quant_range(width, signed, narrow)
+    code = shifted_type(lo, hi, zero_point, 0, q, round_then_shift=round_then_shift)
+    scales = tuple(multiplier(v, bits) for v in values)
+    inverses = tuple(multiplier(1.0 / v, bits) for v in values)
+    error = max(max(abs(math.ldexp(m, -f) - v) / v, abs(math.ldexp(mi, -fi) * v - 1.0))
+                for v, (m, f), (mi, fi) in zip(values, scales, inverses))
+    out_width = code.width + bits
+    out = tuple(FixedType(out_width, out_width - f, code.signed, QuantMode.TRN, OverflowMode.SAT) for _, f in scales)
+    return Approximation(code, inverses, scales, out, axis, bits, error)
