@@ -51,9 +51,15 @@ class Builder:
     def bipolar(self, x: str, scale=1.0) -> str:
         return self.node("BipolarQuant", [x, self.const("scale", scale)], QONNX, base="bipolar")
 
-    def model(self, inputs, outputs, opset: int = 13) -> onnx.ModelProto:
+    def trunc(self, x: str, scale, out_scale, in_bits: int, out_bits: int, mode: str = "FLOOR", signed: int = 1,
+              narrow: int = 0) -> str:
+        inputs = [x, self.const("scale", scale), self.const("zeropt", 0.0), self.const("in_bits", float(in_bits)),
+                  self.const("out_scale", out_scale), self.const("out_bits", float(out_bits))]
+        return self.node("Trunc", inputs, QONNX, base="trunc", rounding_mode=mode, signed=signed, narrow=narrow)
+
+    def model(self, inputs, outputs, opset: int = 13, qonnx_opset: int = 1) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, "qonnx_test", inputs, outputs, self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(QONNX, 1)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(QONNX, qonnx_opset)])
         model.ir_version = 8
         return model
 

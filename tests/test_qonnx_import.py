@@ -109,6 +109,22 @@ def test_bipolar_and_one_bit_quant_match_the_executor():
     np.testing.assert_array_equal(load_onnx(model)(torch.from_numpy(x)).detach().numpy(), expected)
 
 
+def test_trunc_matches_the_executor():
+    """Trunc (version 2): the input rounded half to even onto its grid, then onto the output
+    scale with rounding_mode and clamped; on values on the input grid, between its points
+    (ties included) and beyond the output range."""
+    scale = 2.0 ** -6
+    for out_scale, out_bits, mode, signed, narrow in [(2.0 ** -3, 4, "FLOOR", 1, 0), (2.0 ** -2, 3, "ROUND", 1, 1),
+                                                      (2.0 ** -3, 4, "DOWN", 0, 0), (2.0 ** -4, 6, "HALF_DOWN", 1, 0)]:
+        x = np.concatenate([_probe(scale, 9, hairs=False), _probe(out_scale, out_bits, hairs=False)], axis=1)
+        b = Builder()
+        y = b.trunc("x", scale, out_scale, 10, out_bits, mode, signed, narrow)
+        model = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                        [helper.make_tensor_value_info(y, TensorProto.FLOAT, list(x.shape))], qonnx_opset=2)
+        expected = qonnx_execute(model, x)[y]
+        np.testing.assert_array_equal(load_onnx(model)(torch.from_numpy(x)).detach().numpy(), expected, err_msg=mode)
+
+
 def test_even_zero_point_that_shifts_to_a_full_range_matches_the_executor():
     """unsigned 8 bits with zero point 128 holds -128..127: ap_fixed<8>. (Without the values a
     float32 ulp off a tie: the executor adds the zero point in float32, where ``y + 128`` loses

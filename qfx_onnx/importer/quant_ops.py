@@ -33,7 +33,7 @@ from qfx_onnx.importer.quant_types import (
     Approximation, Pin, QuantTypeError, approximate, bipolar_pin, power_of_two_exponents, quant_pin, rounding_of,
 )
 from qfx_onnx.importer.registry import DEFAULT_DOMAINS, QONNX_DOMAIN, canonical_domain, converter
-from qfx_onnx.fixed.types import FixedType, QuantMode
+from qfx_onnx.fixed.types import FixedType, OverflowMode, QuantMode
 from qfx_onnx.ir import ops
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class QuantPlan:
     tensor_pins: dict[str, Pin] = field(default_factory=dict)
     bipolar: set[str] = field(default_factory=set)  # node names whose pin is a BipolarQuant's
     approximations: dict[str, Approximation] = field(default_factory=dict)  # by node name
+    trunc_inputs: dict[str, FixedType] = field(default_factory=dict)  # Trunc: the input grid's type
 
 
 def _is_qonnx(node: onnx.NodeProto) -> bool:
@@ -87,13 +88,15 @@ def plan_quantizers(nodes: list[onnx.NodeProto], names: list[str], constants: di
     plan, errors = QuantPlan(), []
     for name, node in zip(names, nodes):
         kind = node.op_type if (_is_qonnx(node) or node.domain in DEFAULT_DOMAINS) else None
-        if kind not in (*QONNX_QUANT_OPS, "BipolarQuant", "DequantizeLinear") or (kind != "DequantizeLinear") != _is_qonnx(node):
+        if kind not in (*QONNX_QUANT_OPS, "BipolarQuant", "Trunc", "DequantizeLinear") or (kind != "DequantizeLinear") != _is_qonnx(node):
             continue
         try:
             pin = _plan_node(node, constants, infos, approximate_scales)
         except QuantTypeError as exc:
             errors.append(f"node {name!r} ({node.op_type}) tensor {node.output[0]!r}: {exc}")
             continue
+        if isinstance(pin, tuple):  # Trunc: (input grid, output pin)
+            plan.trunc_inputs[name], pin = pin
         if isinstance(pin, Approximation):
             plan.approximations[name] = pin
             if node.output[0] in constants:
@@ -140,6 +143,8 @@ def _rank(name: str, constants: dict[str, np.ndarray], infos: dict[str, TensorIn
 def _plan_node(node: onnx.NodeProto, constants: dict[str, np.ndarray], infos: dict[str, TensorInfo],
                approx_bits: int | None) -> Pin | Approximation:
     rank = _rank(node.input[0], constants, infos)
+    if node.op_type == "Trunc":
+        return _plan_trunc(node, constants, rank)
     if node.op_type == "BipolarQuant":
         return bipolar_pin(_const(node, 1, "scale", constants), rank)
     if node.op_type in QONNX_QUANT_OPS:
@@ -160,6 +165,30 @@ def _plan_node(node: onnx.NodeProto, constants: dict[str, np.ndarray], infos: di
             return approximate(scale, zero_point, width, bool(signed), bool(narrow), q, rank, approx_bits)
         return quant_pin(scale, zero_point, width, bool(signed), bool(narrow), q, rank)
     return _plan_dequantize(node, constants, infos, rank, approx_bits)
+
+
+def _plan_trunc(node: onnx.NodeProto, constants: dict[str, np.ndarray], rank: int | None) -> tuple[FixedType, Pin]:
+    """Trunc (version 2, ``qonnx.custom_op.general.trunc.trunc_v2``): ``x`` rounded half to even
+    onto the input grid ``scale``, then onto ``output_scale`` with ``rounding_mode``, clamped to
+    ``output_bit_width`` (signed, narrow). Two casts: a wide saturating one on the input grid
+    (the executor does not clamp there; saturating beyond every value the output clamp keeps
+    changes nothing), then the output type."""
+    scale, zero_point = _const(node, 1, "scale", constants), _const(node, 2, "zero point", constants)
+    in_bits, out_scale = _const(node, 3, "input bit width", constants), _const(node, 4, "output scale", constants)
+    out_bits = _const(node, 5, "output bit width", constants)
+    if np.any(np.asarray(zero_point) != 0):
+        raise QuantTypeError(f"zero point {np.asarray(zero_point).ravel()[:3].tolist()} is not zero")
+    for what, value in (("scale", scale), ("output scale", out_scale)):
+        if np.asarray(value).size != 1 or power_of_two_exponents(value) is None:
+            raise QuantTypeError(f"{what} {np.asarray(value, dtype=np.float64).ravel()[:3].tolist()} is not one power of two")
+    e_in, e_out = int(power_of_two_exponents(scale).ravel()[0]), int(power_of_two_exponents(out_scale).ravel()[0])
+    width_in, width_out = int(np.asarray(in_bits).ravel()[0]), int(np.asarray(out_bits).ravel()[0])
+    q = rounding_of(_attr(node, "rounding_mode", "FLOOR"))
+    pin = quant_pin(out_scale, np.zeros(1), width_out, bool(_attr(node, "signed", 1)), bool(_attr(node, "narrow", 0)), q, rank)
+    wide = max(width_in, width_out + max(e_out - e_in, 0)) + 2
+    if wide > 64:
+        raise QuantTypeError(f"input bit width {width_in} is too wide")
+    return FixedType(wide, wide + e_in, True, QuantMode.RND_CONV, OverflowMode.SAT), pin
 
 
 def _plan_dequantize(node, constants, infos, rank, approx_bits) -> Pin | Approximation:
@@ -228,6 +257,10 @@ def _apply(ctx: NodeContext, x_index: int = 0) -> None:
         _apply_approximation(ctx, approx, x_index)
         return
     pin = _pin(ctx)
+    grid = ctx.builder.quant_plan.trunc_inputs.get(ctx.name)
+    if grid is not None:
+        _trunc(ctx, grid, pin)
+        return
     if ctx.name in ctx.builder.quant_plan.bipolar:
         _bipolar(ctx, pin)
         return
@@ -282,6 +315,18 @@ def _apply_approximation(ctx: NodeContext, approx: Approximation, x_index: int) 
     out.meta.update(Pin(approx.out).meta())
 
 
+def _trunc(ctx: NodeContext, grid: FixedType, pin: Pin) -> None:
+    """Trunc: the input-grid cast, then the output cast (see :func:`_plan_trunc`)."""
+    if ctx.is_const(0):
+        ctx.const_output(_cast_array(reference_cast(np.asarray(ctx.const(0), dtype=np.float64), grid), pin), pin)
+        return
+    pin = _runtime_pin(ctx, pin)
+    first = ctx.named_internal(ops.fixed_cast, ctx.input(0), what="input_grid", types=str(grid), axis=None)
+    first.meta.update(Pin((grid,)).meta())
+    out = ctx.emit(ops.fixed_cast, first, types=pin.type_text(), axis=None)
+    out.meta.update(pin.meta())
+
+
 def _bipolar(ctx: NodeContext, pin: Pin) -> None:
     """``x >= 0 ? s : -s`` (qonnx ``binary_quant``), on a constant or a runtime tensor."""
     scale = np.asarray([float(t.lsb) for t in pin.types], dtype=np.float64)
@@ -319,6 +364,16 @@ def _quant(ctx: NodeContext) -> None:
 @converter("IntQuant", since=1, domain=QONNX_DOMAIN)
 def _int_quant(ctx: NodeContext) -> None:
     _read_quant_attrs(ctx)
+    _apply(ctx)
+
+
+@converter("Trunc", since=2, domain=QONNX_DOMAIN)
+def _trunc_v2(ctx: NodeContext) -> None:
+    ctx.attr("rounding_mode", "FLOOR")
+    ctx.attr("signed", 1)
+    ctx.attr("narrow", 0)
+    for i in range(1, 6):
+        ctx.const(i)
     _apply(ctx)
 
 
