@@ -95,6 +95,10 @@ def plan_quantizers(nodes: list[onnx.NodeProto], names: list[str], constants: di
         except QuantTypeError as exc:
             errors.append(f"node {name!r} ({node.op_type}) tensor {node.output[0]!r}: {exc}")
             continue
+        if isinstance(pin, Pin) and pin.axis is not None and len(set(pin.types)) > 1 and node.input[0] not in constants:
+            errors.append(f"node {name!r} ({node.op_type}) tensor {node.output[0]!r}: per-channel scales on a runtime "
+                          "tensor (not a weight) are not supported")
+            continue
         if isinstance(pin, tuple):  # Trunc: (input grid, output pin)
             plan.trunc_inputs[name], pin = pin
         if isinstance(pin, Approximation):
