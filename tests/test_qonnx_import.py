@@ -298,12 +298,33 @@ def test_quantize_keeps_imported_types_and_equals_the_executor(tmp_path, make, s
     quant_outputs = [n.output[0] for n in model.graph.node if n.domain == QONNX]
     reference = qonnx_execute(model, x, quant_outputs + [model.graph.output[0].name])
     np.testing.assert_array_equal(fixed.predict(x.astype(np.float64)), reference[model.graph.output[0].name])
+    casts = _cast_outputs(fixed, x)
+    for name in quant_outputs:  # every Quant/BipolarQuant output on its own, bit for bit
+        np.testing.assert_array_equal(casts[name], reference[name], err_msg=name)
     if make is cnv:
         hls = tmp_path / "hls"
         result = runner.invoke(app, [str(a) for a in ["export-hls", out, "-o", hls, "--data", tmp_path / "d.npz",
                                                       "--test-vectors", 16, "--csim", "--jobs", 1]])
         assert result.exit_code == 0, result.output
         assert "csim: bit-exact with the PyTorch emulation" in result.output and "0 mismatches" in result.output
+
+
+def _cast_outputs(fixed, x: np.ndarray) -> dict[str, np.ndarray]:
+    """The value after every cast of the fixed-point emulation, by ONNX tensor name."""
+    from torch import fx
+
+    values = {}
+
+    class Capture(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.op == "call_module" and "onnx_name" in n.meta:
+                values[n.meta["onnx_name"]] = out.detach().numpy()
+            return out
+
+    with torch.no_grad():
+        Capture(fixed.graph_module).run(torch.from_numpy(x).double())
+    return values
 
 
 def test_default_formats_round_what_the_model_leaves_in_float(tmp_path):
@@ -315,8 +336,10 @@ def test_default_formats_round_what_the_model_leaves_in_float(tmp_path):
     np.savez(tmp_path / "d.npz", x=x)
     result = runner.invoke(app, [str(a) for a in ["quantize", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "-o", tmp_path / "o.onnx"]])
     assert result.exit_code == 0, result.output
-    types = read_annotated(tmp_path / "o.onnx").fixed_types()
+    fixed = read_annotated(tmp_path / "o.onnx")
+    types = fixed.fixed_types()
     assert str(types["quant_4"]) == "ap_ufixed<8,4,AP_RND_CONV,AP_SAT>"
+    np.testing.assert_array_equal(_cast_outputs(fixed, x)["quant_4"], qonnx_execute(model, x, ["quant_4"])["quant_4"])
     assert str(types["x"]) == "ap_ufixed<8,4,AP_RND_CONV,AP_SAT>"  # the input only the Quant reads enters in its type
 
 
