@@ -413,3 +413,17 @@ def test_qdq_model_through_quantize_equals_onnxruntime(tmp_path):
     assert str(fixed.fixed_types()["y"]) == "ap_fixed<8,6,AP_RND_CONV,AP_SAT>"
     expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_array_equal(fixed.predict(x.astype(np.float64)), expected)
+
+
+def test_trunc_version_1_is_an_unsupported_op():
+    """Trunc of QONNX opset 1 (no clamp, output on the input scale) has no converter: it is listed
+    with the model's other unsupported ops, by domain and node."""
+    from qfx_onnx.errors import UnsupportedOpError
+
+    b = Builder()
+    inputs = ["x", b.const("s", 0.25), b.const("z", 0.0), b.const("bi", 8.0), b.const("bo", 4.0)]
+    y = b.node("Trunc", inputs, QONNX, base="trunc", rounding_mode="FLOOR")
+    model = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                    [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["N", 4])], qonnx_opset=1)
+    with pytest.raises(UnsupportedOpError, match="qonnx.custom_op.general:Trunc \\(node trunc_5_n\\)"):
+        load_onnx(model)

@@ -93,7 +93,8 @@ def prepare(source: str | os.PathLike | onnx.ModelProto, *, raise_unsupported: b
     unsupported = find_unsupported(remaining, opset, domain_opsets)
     if unsupported and raise_unsupported:
         raise unsupported_error(unsupported, opset, label)
-    quant_plan = plan_quantizers(list(model.graph.node), names, constants, infos, label, approximate_scales)
+    quant_plan = plan_quantizers(list(model.graph.node), names, constants, infos, label, approximate_scales,
+                                 skip={name for u in unsupported for name in u.nodes})
     return PreparedModel(model, label, opset, names, infos, constants, folding.folded, unsupported,
                          folding.producers, folding.partials, fixed_batch, domain_opsets, quant_plan)
 

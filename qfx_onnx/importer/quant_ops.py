@@ -73,11 +73,19 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
+def is_quantizer(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` is a quantizer this module plans: a QONNX one, or DequantizeLinear."""
+    if _is_qonnx(node):
+        return node.op_type in (*QONNX_QUANT_OPS, "BipolarQuant", "Trunc")
+    return node.domain in DEFAULT_DOMAINS and node.op_type == "DequantizeLinear"
+
+
 def plan_quantizers(nodes: list[onnx.NodeProto], names: list[str], constants: dict[str, np.ndarray],
-                    infos: dict[str, TensorInfo], label: str, approximate_scales: int | None = None) -> QuantPlan:
+                    infos: dict[str, TensorInfo], label: str, approximate_scales: int | None = None,
+                    skip: set[str] = frozenset()) -> QuantPlan:
     """The type of every QONNX and QDQ quantizer in ``nodes`` (folded ones too: a folded
-    DequantizeLinear leaves a pinned weight). Raises one OnnxModelError listing every quantizer
-    that has no ``ap_fixed`` type.
+    DequantizeLinear leaves a pinned weight; nodes named in ``skip``, those without a converter,
+    are left out). Raises one OnnxModelError listing every quantizer that has no ``ap_fixed`` type.
 
     ``approximate_scales`` (bits): a scale that is not a power of two is then approximated by
     ``approximate_scales``-bit multipliers (:func:`~qfx_onnx.importer.quant_types.approximate`);
@@ -87,31 +95,18 @@ def plan_quantizers(nodes: list[onnx.NodeProto], names: list[str], constants: di
         raise OnnxModelError(f"{label}: approximate_scales={approximate_scales}: the multipliers take 2 to 24 bits")
     plan, errors = QuantPlan(), []
     for name, node in zip(names, nodes):
-        kind = node.op_type if (_is_qonnx(node) or node.domain in DEFAULT_DOMAINS) else None
-        if kind not in (*QONNX_QUANT_OPS, "BipolarQuant", "Trunc", "DequantizeLinear") or (kind != "DequantizeLinear") != _is_qonnx(node):
+        if name in skip or not is_quantizer(node):
             continue
+        where = f"node {name!r} ({node.op_type}) tensor {node.output[0]!r}"
         try:
-            pin = _plan_node(node, constants, infos, approximate_scales)
+            result = _plan_node(node, constants, infos, approximate_scales)
         except QuantTypeError as exc:
-            errors.append(f"node {name!r} ({node.op_type}) tensor {node.output[0]!r}: {exc}")
+            errors.append(f"{where}: {exc}")
             continue
-        if isinstance(pin, Pin) and pin.axis is not None and len(set(pin.types)) > 1 and node.input[0] not in constants:
-            errors.append(f"node {name!r} ({node.op_type}) tensor {node.output[0]!r}: per-channel scales on a runtime "
-                          "tensor (not a weight) are not supported")
+        if isinstance(result, Pin) and len(set(result.types)) > 1 and node.input[0] not in constants:
+            errors.append(f"{where}: per-channel scales on a runtime tensor (not a weight) are not supported")
             continue
-        if isinstance(pin, tuple):  # Trunc: (input grid, output pin)
-            plan.trunc_inputs[name], pin = pin
-        if isinstance(pin, Approximation):
-            plan.approximations[name] = pin
-            if node.output[0] in constants:
-                constants[node.output[0]] = _approximated_weight(node, pin, constants)
-                plan.tensor_pins[node.output[0]] = pin.out_pin()
-            continue
-        plan.node_pins[name] = pin
-        if kind == "BipolarQuant" or (kind in QONNX_QUANT_OPS and _is_one_bit_signed(node, constants)):
-            plan.bipolar.add(name)
-        if node.output[0] in constants:  # folded at import (a weight's DequantizeLinear)
-            plan.tensor_pins[node.output[0]] = pin
+        _record(plan, name, node, result, constants)
     if plan.approximations:
         worst_name, worst = max(plan.approximations.items(), key=lambda item: item[1].max_rel_error)
         log.warning("%s: %d scale(s) that are not powers of two approximated by %d-bit fixed-point multipliers; "
@@ -121,6 +116,24 @@ def plan_quantizers(nodes: list[onnx.NodeProto], names: list[str], constants: di
         shown = "; ".join(errors[:20]) + (f"; and {len(errors) - 20} more" if len(errors) > 20 else "")
         raise OnnxModelError(f"{label}: {len(errors)} quantizer(s) have no ap_fixed type: {shown}")
     return plan
+
+
+def _record(plan: QuantPlan, name: str, node: onnx.NodeProto, result, constants: dict[str, np.ndarray]) -> None:
+    """File one node's plan: a Pin, a Trunc's ``(input grid, Pin)`` or an Approximation."""
+    folded = node.output[0] in constants  # computed at import (a weight's DequantizeLinear)
+    if isinstance(result, Approximation):
+        plan.approximations[name] = result
+        if folded:
+            constants[node.output[0]] = _approximated_weight(node, result, constants)
+            plan.tensor_pins[node.output[0]] = result.out_pin()
+        return
+    if isinstance(result, tuple):
+        plan.trunc_inputs[name], result = result
+    plan.node_pins[name] = result
+    if node.op_type == "BipolarQuant" or (node.op_type in QONNX_QUANT_OPS and _is_one_bit_signed(node, constants)):
+        plan.bipolar.add(name)
+    if folded:
+        plan.tensor_pins[node.output[0]] = result
 
 
 def _is_one_bit_signed(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> bool:
