@@ -30,7 +30,7 @@ from qfx_onnx.errors import OnnxModelError
 from qfx_onnx.fixed.reference import reference_cast
 from qfx_onnx.importer.context import NodeContext, TensorInfo
 from qfx_onnx.importer.quant_types import (
-    Approximation, Pin, QuantTypeError, approximate, bipolar_pin, power_of_two_exponents, quant_pin, rounding_of,
+    Approximation, Pin, QuantTypeError, ScaleNotPowerOfTwo, approximate, bipolar_pin, power_of_two_exponents, quant_pin, rounding_of,
 )
 from qfx_onnx.importer.registry import DEFAULT_DOMAINS, QONNX_DOMAIN, canonical_domain, converter
 from qfx_onnx.fixed.types import FixedType, OverflowMode, QuantMode
@@ -93,7 +93,7 @@ def plan_quantizers(nodes: list[onnx.NodeProto], names: list[str], constants: di
     relative error introduced."""
     if approximate_scales is not None and not 2 <= approximate_scales <= 24:
         raise OnnxModelError(f"{label}: approximate_scales={approximate_scales}: the multipliers take 2 to 24 bits")
-    plan, errors = QuantPlan(), []
+    plan, errors, scale_errors = QuantPlan(), [], 0
     for name, node in zip(names, nodes):
         if name in skip or not is_quantizer(node):
             continue
@@ -102,6 +102,7 @@ def plan_quantizers(nodes: list[onnx.NodeProto], names: list[str], constants: di
             result = _plan_node(node, constants, infos, approximate_scales)
         except QuantTypeError as exc:
             errors.append(f"{where}: {exc}")
+            scale_errors += isinstance(exc, ScaleNotPowerOfTwo)
             continue
         if isinstance(result, Pin) and len(set(result.types)) > 1 and node.input[0] not in constants:
             errors.append(f"{where}: per-channel scales on a runtime tensor (not a weight) are not supported")
@@ -114,7 +115,9 @@ def plan_quantizers(nodes: list[onnx.NodeProto], names: list[str], constants: di
                     worst.max_rel_error, worst_name)
     if errors:
         shown = "; ".join(errors[:20]) + (f"; and {len(errors) - 20} more" if len(errors) > 20 else "")
-        raise OnnxModelError(f"{label}: {len(errors)} quantizer(s) have no ap_fixed type: {shown}")
+        hint = " (approximate_scales= / --approximate-scales BITS approximates scales that are not powers of two)" \
+            if scale_errors else ""
+        raise OnnxModelError(f"{label}: {len(errors)} quantizer(s) have no ap_fixed type: {shown}{hint}")
     return plan
 
 

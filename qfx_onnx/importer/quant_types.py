@@ -61,6 +61,10 @@ class QuantTypeError(ValueError):
     """Why a quantizer has no ap_fixed type (the message completes 'tensor X: ...')."""
 
 
+class ScaleNotPowerOfTwo(QuantTypeError):
+    """The scale is no power of two: approximating it (``approximate_scales``) would help."""
+
+
 @dataclass(frozen=True)
 class Pin:
     """The type(s) an imported quantizer fixes on a tensor: one, or one per channel of ``axis``."""
@@ -169,8 +173,7 @@ def quant_pin(scale: np.ndarray, zero_point: np.ndarray, width: int, signed: boo
     exps = power_of_two_exponents(scale)
     if exps is None:
         shown = np.asarray(scale, dtype=np.float64).ravel()
-        raise QuantTypeError(f"scale {_show(shown)} is not a power of two (pass approximate_scales / --approximate-scales "
-                             "to approximate it)")
+        raise ScaleNotPowerOfTwo(f"scale {_show(shown)} is not a power of two")
     axis = channel_axis(scale, rank)
     lo, hi = int_quant_range(width, signed, narrow)
     fracs = [int(-e) for e in exps.ravel()] if axis is not None else [int(-exps.ravel()[0])]
