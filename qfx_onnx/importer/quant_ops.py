@@ -141,7 +141,7 @@ def _record(plan: QuantPlan, name: str, node: onnx.NodeProto, result, constants:
 
 def _is_one_bit_signed(node: onnx.NodeProto, constants: dict[str, np.ndarray]) -> bool:
     """A signed 1-bit IntQuant, which the executor runs as bipolar (``x >= 0 ? s : -s``)."""
-    return bool(_attr(node, "signed")) and np.asarray(constants[node.input[3]]).ravel()[0] == 1
+    return bool(_attr(node, "signed", 1)) and np.asarray(constants[node.input[3]]).ravel()[0] == 1
 
 
 def _const(node: onnx.NodeProto, i: int, what: str, constants: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -173,9 +173,9 @@ def _plan_node(node: onnx.NodeProto, constants: dict[str, np.ndarray], infos: di
         if bits.size != 1 or bits.ravel()[0] != int(bits.ravel()[0]):
             raise QuantTypeError(f"bit width {bits.ravel()[:3].tolist()} is not one integer")
         width = int(bits.ravel()[0])
-        signed, narrow = _attr(node, "signed"), _attr(node, "narrow")
-        if signed is None or narrow is None:
-            raise QuantTypeError("attributes 'signed' and 'narrow' are required")
+        # defaults of the QONNX spec (docs/qonnx-custom-ops/quant_op.md); qonnx 1.0's executor
+        # requires both attributes instead
+        signed, narrow = _attr(node, "signed", 1), _attr(node, "narrow", 0)
         q = rounding_of(_attr(node, "rounding_mode", "ROUND"))
         if width == 1 and signed:  # the executor runs a signed 1-bit IntQuant as bipolar
             if np.any(np.asarray(zero_point) != 0):
@@ -368,8 +368,8 @@ def _bipolar(ctx: NodeContext, pin: Pin) -> None:
 
 
 def _read_quant_attrs(ctx: NodeContext) -> None:
-    ctx.attr("signed", None)
-    ctx.attr("narrow", None)
+    ctx.attr("signed", 1)
+    ctx.attr("narrow", 0)
     ctx.attr("rounding_mode", "ROUND")
     for i in (1, 2, 3):
         ctx.const(i)
