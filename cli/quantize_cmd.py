@@ -62,6 +62,14 @@ def quantize(
     config: Path | None = typer.Option(None, "--config", metavar="FILE", show_default="none", help="TOML/JSON precision config with per-layer overrides."),
     fold_bn: bool = typer.Option(False, "--fold-bn", help="Fold BatchNorm into the preceding conv/Gemm instead of keeping it as a fixed-point affine."),
     per_channel: PerChannel = False,
+    recalibrate_imported: bool = typer.Option(
+        False, "--recalibrate-imported",
+        help="Calibrate the binary points of the types an imported QONNX/QDQ model fixes (width, sign and modes stay); "
+             "by default they are kept as given."),
+    approximate_scales: int | None = typer.Option(
+        None, "--approximate-scales", metavar="BITS", show_default="none: an error",
+        help="Approximate QONNX/QDQ scales that are not powers of two by BITS-bit fixed-point multipliers "
+             "(x * (1/s)~, rounded, times s~); the largest relative error is printed as a warning."),
     eval_data: EvalData = None,
     report: Path | None = typer.Option(None, "--report", metavar="FILE", show_default="none", help="Write the per-tensor report as JSON."),
     verify: Verify = True,
@@ -85,7 +93,7 @@ def quantize(
 
 
 def _quantize(model, data, output, calib_samples, calibration, method, weight_bits, bias_bits, act_bits, elementwise_bits,
-              input_bits, rounding, overflow, sat_bits, config, fold_bn, per_channel, eval_data, report, verify,
+              input_bits, rounding, overflow, sat_bits, config, fold_bn, per_channel, recalibrate_imported, approximate_scales, eval_data, report, verify,
               verify_samples, show_all, plot, force, ui: Output) -> None:
     from qfx_onnx.data import load_arrays, score
     from qfx_onnx.fixed.types import OverflowMode, QuantMode
@@ -125,7 +133,8 @@ def _quantize(model, data, output, calib_samples, calibration, method, weight_bi
 
     with ui.status("importing and calibrating"):
         fixed = quantize_model(model, str(data), policy=policy, method=method, calib_samples=calib_samples,
-                               fold_bn=fold_bn, per_channel=per_channel)
+                               fold_bn=fold_bn, per_channel=per_channel, recalibrate_imported=recalibrate_imported,
+                               approximate_scales=approximate_scales)
 
     result = QuantReport()
     with ui.status("evaluating"), torch.no_grad():

@@ -20,6 +20,9 @@ Metadata (``node.meta``) on every node
     weights, Gather tables), "bias" (Conv/ConvTranspose bias, Gemm C), "constant" (other float
     constants), "shape" (integer constants and shape arithmetic), "activation" (float op outputs),
     "internal" (decomposition steps, the output node).
+    ``pinned_type`` (a FixedType, or a list of per-channel types along ``pinned_axis``): the type
+    an imported quantizer (QONNX ``Quant``/``BipolarQuant``/``Trunc``, an ONNX QDQ pair) fixes on
+    the value; the quantizer keeps it (see :mod:`qfx_onnx.importer.quant_ops`).
 
 ``gm.onnx_info`` is an :class:`OnnxInfo` (graph name, opset, input/output names, input shapes
 with None for dynamic dims). It survives ``copy.deepcopy(gm)``; a pass that builds a new

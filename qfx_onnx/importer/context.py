@@ -128,6 +128,12 @@ class GraphBuilder:
         self.consumed = consumed
         self.values: dict[str, fx.Node] = {}
         self._attr_names: set[str] = set()
+        # imported quantizers (see qfx_onnx.importer.quant_ops): their plan, the pins of constants
+        # they produce, and the ONNX nodes around each tensor (set by loader.build_graph)
+        self.quant_plan: Any = None
+        self.pins: dict[str, Any] = {}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        self.producer_nodes: dict[str, onnx.NodeProto] = {}
 
     def add_input(self, name: str) -> fx.Node:
         """A placeholder for graph input ``name`` (role input)."""
@@ -161,6 +167,8 @@ class GraphBuilder:
             self.root.register_buffer(attr, tensor)
         node = self.graph.get_attr(attr)
         self._set_meta(node, onnx_name=onnx_name, producer=producer, dtype=array.dtype, role=role)
+        if onnx_name in self.pins:  # a constant an imported quantizer made: its type is fixed
+            node.meta.update(self.pins[onnx_name].meta())
         return node
 
     def call(self, fn: Callable, args: tuple, kwargs: dict, *, name: str, meta: dict[str, Any]) -> fx.Node:
@@ -348,6 +356,34 @@ class NodeContext:
             dtype, role = np.dtype(np.int64), "shape"
         meta = dict(onnx_name=None, producer=self.producer, dtype=dtype, role=role)
         return self.builder.call(fn, args, kwargs, name=f"{self.name}_{op.name if op else 'step'}", meta=meta)
+
+    def const_output(self, array: np.ndarray, pin: Any, out: int = 0) -> None:
+        """Bind output ``out`` to a constant computed at import, whose type ``pin`` fixes (an
+        imported quantizer of a weight); its ``get_attr`` node is made where a consumer reads it,
+        with that consumer's role."""
+        name = self.output_name(out)
+        self.builder.constants[name] = array
+        self.builder.producers[name] = self.producer
+        self.builder.infos[name] = TensorInfo(array.dtype, tuple(array.shape))
+        self.builder.pins[name] = pin
+        self._bound.add(out)
+
+    def alias_output(self, node: fx.Node, out: int = 0) -> None:
+        """Bind output ``out`` to an existing fx node (the value passes through unchanged)."""
+        self.builder.values[self.output_name(out)] = node
+        self._bound.add(out)
+
+    def named_internal(self, fn: Callable, *args: Any, what: str, **kwargs: Any) -> fx.Node:
+        """A step inside this node's decomposition that gets a name of its own,
+        ``"{node}::{what}"`` (role "activation"), so that it can carry a cast."""
+        name = f"{self.name}::{what}"
+        meta = dict(onnx_name=name, producer=self.producer, dtype=np.dtype(np.float32), role="activation")
+        return self.builder.call(fn, args, kwargs, name=name, meta=meta)
+
+    def synth_pinned(self, what: str, value: float, pin: Any) -> fx.Node:
+        """A synthesized float constant (see :meth:`synth`) whose type ``pin`` fixes."""
+        self.builder.pins[f"{self.name}::{what}"] = pin
+        return self.synth(what, value)
 
     def synth(self, what: str, array: np.ndarray | float, role: str = "constant", dtype: np.dtype | None = None) -> fx.Node:
         """A synthesized constant named ``"{node}::{what}"`` (float32 unless ``dtype``)."""

@@ -197,5 +197,12 @@ def _evaluate(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opset: int) ->
         [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape) for n, v in feeds.items()],
         [onnx.helper.make_empty_tensor_value_info(n) for n in node.output if n],
     )
+    # onnx's reference implements QuantizeLinear/DequantizeLinear from opset 19 only; on the
+    # integer types of the earlier versions 19 computes the same
+    if node.op_type in _QDQ_OPS:
+        opset = max(opset, 19)
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     return ReferenceEvaluator(model).run(None, feeds)
+
+
+_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}

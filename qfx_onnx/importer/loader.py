@@ -4,7 +4,8 @@ The stages, in order:
 
 1. :func:`~qfx_onnx.importer.reader.read_model`: the file, its external data, the ONNX checker.
 2. :func:`prepare`: opset range, shape inference, the folding plan, and then ONE check that every
-   remaining node has a converter (all unsupported ops reported together).
+   remaining node has a converter (all unsupported ops reported together), then ONE check that
+   every imported quantizer (QONNX, QDQ) has an ``ap_fixed`` type (all reasons together).
 3. :func:`~qfx_onnx.importer.fold.fold_constants`: evaluate the planned nodes.
 4. :func:`build_graph`: one converter call per remaining node, building the fx graph, then
    :func:`~qfx_onnx.importer.fuse.fuse_decompositions` (exported GELU and LayerNorm as one op).
@@ -21,11 +22,12 @@ import onnx
 from torch import fx
 
 from qfx_onnx.errors import OnnxModelError
-from qfx_onnx.importer import elementwise_ops, linear_ops, nonlinear_ops, pool_ops, shape_ops, spatial_ops  # noqa: F401 - registers converters
+from qfx_onnx.importer import elementwise_ops, linear_ops, nonlinear_ops, pool_ops, quant_ops, shape_ops, spatial_ops  # noqa: F401 - registers converters
 from qfx_onnx.importer.batch import generalize_batch
 from qfx_onnx.importer.context import GraphBuilder, NodeContext, OnnxInfo, Producer, TensorInfo
 from qfx_onnx.importer.fold import FoldResult, Partial, fold_constants
 from qfx_onnx.importer.fuse import fuse_decompositions
+from qfx_onnx.importer.quant_ops import QuantPlan, plan_quantizers
 from qfx_onnx.importer.reader import copy_fields, read_model, weight_free
 from qfx_onnx.importer.registry import DEFAULT_DOMAINS, Unsupported, check_opset, find_converter, find_unsupported, unsupported_error
 
@@ -56,23 +58,30 @@ class PreparedModel:
     producers: dict[str, Producer] = field(default_factory=dict)
     partials: dict[str, Partial] = field(default_factory=dict)
     fixed_batch: int | None = None
+    domain_opsets: dict[str, int] = field(default_factory=dict)
+    quant_plan: QuantPlan = field(default_factory=QuantPlan)
 
 
-def load_onnx(source: str | os.PathLike | onnx.ModelProto) -> fx.GraphModule:
+def load_onnx(source: str | os.PathLike | onnx.ModelProto, *, approximate_scales: int | None = None) -> fx.GraphModule:
     """Import a float ONNX model as a torch.fx GraphModule that reproduces onnxruntime's outputs.
 
     The graph follows the contract in :mod:`qfx_onnx.importer`. Raises OnnxModelError for an
     unreadable or invalid model, UnsupportedOpError (listing every unsupported op at once) before
     any conversion work, and UnsupportedAttributeError for an attribute value no converter handles.
+    A QONNX or QDQ model's quantizers become fixed ``ap_fixed`` types
+    (:mod:`qfx_onnx.importer.quant_ops`); one whose scale is not a power of two is an error unless
+    ``approximate_scales`` gives the bits of the fixed-point multipliers that approximate it.
     """
-    prepared = prepare(source)
+    prepared = prepare(source, approximate_scales=approximate_scales)
     return build_graph(prepared)
 
 
-def prepare(source: str | os.PathLike | onnx.ModelProto, *, raise_unsupported: bool = True) -> PreparedModel:
+def prepare(source: str | os.PathLike | onnx.ModelProto, *, raise_unsupported: bool = True,
+            approximate_scales: int | None = None) -> PreparedModel:
     """Stages 1-2: read and check the model, infer shapes, plan folding, check op support."""
     model, label = read_model(source)
     opset = check_opset(_default_opset(model), label)
+    domain_opsets = {o.domain: o.version for o in model.opset_import if o.domain not in DEFAULT_DOMAINS}
     constants = _initial_constants(model.graph, label)
     # From here on only a copy without the weights' data: the full model is freed on return
     # when the caller does not hold it.
@@ -83,11 +92,13 @@ def prepare(source: str | os.PathLike | onnx.ModelProto, *, raise_unsupported: b
     infos = _tensor_infos(model.graph, constants)
     folding = _fold_to_fixpoint(model, names, infos, constants, opset, label)
     remaining = [(names[i], node) for i, node in enumerate(model.graph.node) if i not in folding.folded]
-    unsupported = find_unsupported(remaining, opset)
+    unsupported = find_unsupported(remaining, opset, domain_opsets)
     if unsupported and raise_unsupported:
         raise unsupported_error(unsupported, opset, label)
+    quant_plan = plan_quantizers(list(model.graph.node), names, constants, infos, label, approximate_scales,
+                                 skip={name for u in unsupported for name in u.nodes})
     return PreparedModel(model, label, opset, names, infos, constants, folding.folded, unsupported,
-                         folding.producers, folding.partials, fixed_batch)
+                         folding.producers, folding.partials, fixed_batch, domain_opsets, quant_plan)
 
 
 def _fold_to_fixpoint(model: onnx.ModelProto, names: list[str], infos: dict[str, TensorInfo],
@@ -139,6 +150,13 @@ def build_graph(prepared: PreparedModel) -> fx.GraphModule:
     graph = prepared.model.graph
     consumed = {name for node in graph.node for name in node.input if name} | {o.name for o in graph.output}
     builder = GraphBuilder(prepared.infos, prepared.constants, prepared.producers, prepared.partials, consumed)
+    builder.quant_plan = prepared.quant_plan
+    builder.pins.update(prepared.quant_plan.tensor_pins)
+    for node in graph.node:
+        for name in node.input:
+            builder.readers.setdefault(name, []).append(node)
+        for name in node.output:
+            builder.producer_nodes[name] = node
     inputs = [i.name for i in graph.input if i.name not in prepared.constants]
     for name in inputs:
         builder.add_input(name)
@@ -146,7 +164,7 @@ def build_graph(prepared: PreparedModel) -> fx.GraphModule:
         if index in prepared.folded:
             continue
         ctx = NodeContext(builder, node, prepared.names[index], prepared.opset)
-        convert = find_converter(node.op_type, prepared.opset, node.domain)
+        convert = find_converter(node.op_type, prepared.opset, node.domain, prepared.domain_opsets)
         assert convert is not None, "prepare() checked every node"
         convert(ctx)
         ctx.check_done()
@@ -192,11 +210,34 @@ def _default_opset(model: onnx.ModelProto) -> int | None:
 
 
 def _infer_shapes(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
+    """``model`` with the shapes onnx infers. Custom-domain ops that keep their input's shape
+    (QONNX quantizers) are seen by the inference as Identity, so shapes flow through them."""
+    twin = _with_identity_twins(model)
     try:
-        return onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(twin, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:  # inference is a help, not a requirement
         log.warning("%s: shape inference failed (%s); continuing without it", label, exc)
         return model
+    if twin is model:
+        return inferred
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(inferred.graph.value_info)
+    return out
+
+
+def _with_identity_twins(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy whose shape-preserving custom-domain nodes are Identity nodes."""
+    shape_kept = {n for n in ("Quant", "IntQuant", "BipolarQuant", "Trunc")}
+    if not any(n.domain not in DEFAULT_DOMAINS and n.op_type in shape_kept for n in model.graph.node):
+        return model
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    for node in twin.graph.node:
+        if node.domain not in DEFAULT_DOMAINS and node.op_type in shape_kept:
+            node.CopyFrom(onnx.helper.make_node("Identity", [node.input[0]], list(node.output[:1]), name=node.name))
+    return twin
 
 
 def _node_names(graph: onnx.GraphProto) -> list[str]:

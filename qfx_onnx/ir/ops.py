@@ -45,7 +45,7 @@ from qfx_onnx.ir.defs.arith import (
 )
 from qfx_onnx.ir.defs.linear import conv, conv_transpose, gemm, matmul
 from qfx_onnx.ir.defs.move import (
-    cast, concat, flatten, gather, identity, pad, reshape, resize, slice_axes, split, squeeze, transpose, unsqueeze,
+    cast, concat, fixed_cast, flatten, gather, identity, pad, reshape, resize, slice_axes, split, squeeze, transpose, unsqueeze,
 )
 from qfx_onnx.ir.defs.nonlinear import div, log_softmax, lrn, sigmoid, softmax, tanh
 from qfx_onnx.ir.defs.transformer import erf, exp, gelu, layer_norm, reciprocal, reduce_max, sqrt

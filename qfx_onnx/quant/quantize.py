@@ -13,8 +13,13 @@ The pipeline, each step a plain function:
    and a sample of its values.
 3. :func:`build_quantizers` turns the policy and the observations into one ``FixedQuantizer`` per
    site (binary point from ``max``, ``percentile`` or ``mse``); a tensor whose values are never
-   negative becomes ``ap_ufixed`` unless the policy says otherwise.
-4. :func:`insert_quantizers` splices them into the graph; the result is a :class:`FixedPointModel`.
+   negative becomes ``ap_ufixed`` unless the policy says otherwise. A tensor whose type an
+   imported quantized model fixes (``node.meta["pinned_type"]``, set by
+   :mod:`qfx_onnx.importer.quant_ops` for QONNX and QDQ quantizers) keeps that type, frozen,
+   unless ``recalibrate_imported``: then only its binary point is calibrated (width, sign and
+   modes stay). A policy override with a fixed type still wins over both.
+4. :func:`insert_quantizers` splices them into the graph (an imported ``fixed_cast`` becomes
+   ``identity``: its cast module does the cast); the result is a :class:`FixedPointModel`.
 
 The emulation runs in float64: every cast is exact there, and sums of products are exact while
 the lossless accumulator fits 53 bits (see :mod:`qfx_onnx.quant.typeprop`).
@@ -34,6 +39,7 @@ from qfx_onnx.batching import fixed_batch_of, join_chunks, run_in_chunks
 from qfx_onnx.errors import QfxError
 from qfx_onnx.fixed.quantizer import FixedQuantizer
 from qfx_onnx.fixed.types import FixedType
+from qfx_onnx.ir import ops as ir_ops
 from qfx_onnx.ir.ops import op_of
 from qfx_onnx.quant.policy import Policy
 
@@ -88,12 +94,15 @@ def find_cast_sites(gm: fx.GraphModule) -> list[CastSite]:
                 onnx_node = user.meta.get("onnx_node") or onnx_node
                 onnx_op = user.meta.get("onnx_op") or onnx_op
                 axis = _weight_channel_axis(node) if role == "weight" else None
+                if "pinned_type" in node.meta:
+                    axis = node.meta.get("pinned_axis")
                 sites.append(CastSite(node, name, onnx_node, onnx_op, role, axis))
         elif node.op == "call_function":
             op = op_of(node.target)
-            if op is None or op.cast_role is None:  # data movement and shape ints inherit or have no type
+            pinned = "pinned_type" in node.meta  # an imported quantizer's type (QONNX Quant, a QDQ pair)
+            if op is None or (op.cast_role is None and not pinned):  # data movement and shape ints inherit or have no type
                 continue
-            sites.append(CastSite(node, name, onnx_node, onnx_op, op.cast_role))
+            sites.append(CastSite(node, name, onnx_node, onnx_op, op.cast_role or "act"))
     return sites
 
 
@@ -176,8 +185,9 @@ def _param_dtype(gm: nn.Module) -> torch.dtype:
 
 def build_quantizers(sites: list[CastSite], observers: dict[str, Observer], policy: Policy,
                      method: str = "max", per_channel_weights: bool = False,
-                     percentile: float = 99.99) -> dict[str, FixedQuantizer]:
-    """One calibrated FixedQuantizer per site; parameters are calibrated on their own values."""
+                     percentile: float = 99.99, recalibrate_imported: bool = False) -> dict[str, FixedQuantizer]:
+    """One calibrated FixedQuantizer per site; parameters are calibrated on their own values.
+    A site with a pinned type (an imported quantizer) keeps it (see the module docstring)."""
     quantizers: dict[str, FixedQuantizer] = {}
     for site in sites:
         spec = policy.spec(node=site.onnx_node, op=site.op, tensor=site.tensor, role=site.role)
@@ -186,6 +196,10 @@ def build_quantizers(sites: list[CastSite], observers: dict[str, Observer], poli
             t = spec.fixed
             quantizers[site.tensor] = FixedQuantizer(
                 width=t.width, signed=t.signed, q=t.q, o=t.o, n=t.n, frac=float(t.frac), learn_frac=False)
+            continue
+        pinned = site.node.meta.get("pinned_type")
+        if pinned is not None:
+            quantizers[site.tensor] = _pinned_quantizer(site, pinned, obs, method, percentile, recalibrate_imported)
             continue
         signed = spec.signed if spec.signed is not None else obs.min < 0
         axis = site.channel_axis if (per_channel_weights and site.role == "weight") else None
@@ -197,6 +211,18 @@ def build_quantizers(sites: list[CastSite], observers: dict[str, Observer], poli
         quantizers[site.tensor] = quant
     policy.check_all_used()
     return quantizers
+
+
+def _pinned_quantizer(site: CastSite, pinned: FixedType | list[FixedType], obs: "Observer", method: str,
+                      percentile: float, recalibrate: bool) -> FixedQuantizer:
+    """The imported type as it is (frozen), or with its binary point calibrated on the data."""
+    quant = quantizer_for(pinned, site.channel_axis)
+    if not recalibrate:
+        quant.frac.requires_grad_(False)
+        return quant
+    values = _param_values(site) if site.node.op == "get_attr" else obs.sample()
+    quant.calibrate(values, method=method, percentile=percentile)
+    return quant
 
 
 def _param_values(site: CastSite) -> torch.Tensor:
@@ -281,6 +307,8 @@ def insert_quantizers(gm: fx.GraphModule, sites: list[CastSite], quantizers: dic
                       dtype: torch.dtype = torch.float64) -> FixedPointModel:
     """Splice the quantizers into ``gm`` (modified in place) and return the FixedPointModel."""
     for i, site in enumerate(sites):
+        if site.node.op == "call_function" and site.node.target is ir_ops.fixed_cast:
+            site.node.target, site.node.kwargs = ir_ops.identity, {}  # the cast module below casts
         cast_node = _insert_after(gm, site.node, _site_module_name(i), quantizers[site.tensor])
         cast_node.meta.update(onnx_name=site.tensor, qfx_site=site, onnx_dtype="float32",
                               role=site.role, onnx_node=site.onnx_node, onnx_op=site.op)
@@ -319,6 +347,8 @@ def align_bias_fracs(model: FixedPointModel) -> None:
         x_q, w_q, b_q = (_cast_module_of(gm, a) for a in node.args[:3])
         if None in (x_q, w_q, b_q) or bias_node.op != "call_module" or b_q.per_channel_axis is not None:
             continue
+        if "pinned_type" in bias_node.args[0].meta:  # an imported type is kept as given
+            continue
         cap = max(t.frac for t in x_q.frozen_types()) + max(t.frac for t in w_q.frozen_types())
         t = b_q.frozen_types()[0]
         if t.frac > cap and t.width - (t.frac - cap) >= 1:
@@ -329,14 +359,17 @@ def align_bias_fracs(model: FixedPointModel) -> None:
 
 
 def quantize_graph(gm: fx.GraphModule, calib_batches: Iterable[torch.Tensor], policy: Policy | None = None,
-                   method: str = "max", per_channel_weights: bool = False) -> FixedPointModel:
-    """PTQ of an imported float graph (modified in place): observe, calibrate, insert casts."""
+                   method: str = "max", per_channel_weights: bool = False,
+                   recalibrate_imported: bool = False) -> FixedPointModel:
+    """PTQ of an imported float graph (modified in place): observe, calibrate, insert casts.
+    Types an imported quantized model fixes are kept unless ``recalibrate_imported``."""
     if method not in ("max", "percentile", "mse"):
         raise QfxError(f"unknown calibration method {method!r}: choose max, percentile or mse")
     policy = policy or Policy()
     sites = find_cast_sites(gm)
     observers = observe(gm, sites, calib_batches)
-    quantizers = build_quantizers(sites, observers, policy, method, per_channel_weights)
+    quantizers = build_quantizers(sites, observers, policy, method, per_channel_weights,
+                                  recalibrate_imported=recalibrate_imported)
     model = insert_quantizers(gm, sites, quantizers)
     align_bias_fracs(model)
     return model

@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from qfx_onnx.errors import ExportError
+from qfx_onnx.fixed.cast import cast as fixed_point_cast
 from qfx_onnx.fixed.types import union_type
 from qfx_onnx.ir.geometry import clamp_index, nearest_indices, resize_output_length, spatial_pads, torch_dtype, torch_pads
-from qfx_onnx.ir.opdef import HlsForm, TypeQuery, ir_op, op_of
+from qfx_onnx.ir.opdef import HlsForm, NoHls, TypeQuery, ir_op, op_of
 
 
 def _concat_type(q: TypeQuery):
@@ -216,6 +218,25 @@ def cast(x, *, to):
     if x.is_floating_point() and dtype.is_floating_point:
         return x
     return x.to(dtype)
+
+
+def _emit_fixed_cast(w, node: fx.Node, out: str, name: str) -> None:
+    raise ExportError(f"node {name}: an imported quantizer (fixed_cast) must become a cast module before export "
+                      "(qfx_onnx.quant.quantize.insert_quantizers does this)")
+
+
+@ir_op("move", None, emit=_emit_fixed_cast, hls=NoHls("an imported quantizer becomes a cast before export"))
+def fixed_cast(x, *, types, axis=None):
+    """The ``ap_fixed`` cast an imported quantizer fixes (QONNX ``Quant``, a QDQ pair): ``types``
+    is a type's text, or a tuple of per-channel types along ``axis``.
+
+    Only imported float graphs hold it: inserting the quantizers turns it into ``identity``
+    followed by a cast module of the same type (``qfx_onnx.quant.quantize.insert_quantizers``),
+    so no back end sees it."""
+    if axis is None:
+        return fixed_point_cast(x, types)
+    parts = [fixed_point_cast(x.select(axis, c), t) for c, t in enumerate(types)]
+    return torch.stack(parts, dim=axis)
 
 
 @ir_op("move", "Resize", emit=_emit_resize, hls=HlsForm.remap())
