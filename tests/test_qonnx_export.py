@@ -246,6 +246,40 @@ def test_khot_finetuned_model(digits, tmp_path):
     check_exported(proto, annotated, test)
 
 
+def test_wrap_refused_where_values_can_overflow(digits, tmp_path):
+    """AP_WRAP: weights and biases (constants whose values fit) export as saturating Quants; the
+    float input and every activation, whose lossless input type exceeds the range, are refused in
+    one message."""
+    model = qfx_onnx.quantize(MODELS / "mlp.onnx", digits[0], calib_samples=128, rounding="AP_RND_CONV", overflow="AP_WRAP")
+    qfx_onnx.write_annotated(model, tmp_path / "wrap.qfx.onnx")
+    with pytest.raises(ExportError) as info:
+        export_qonnx(tmp_path / "wrap.qfx.onnx", tmp_path / "wrap.qonnx.onnx")
+    assert not (tmp_path / "wrap.qonnx.onnx").exists()
+    message = str(info.value)
+    refused = {m.split("'")[1] for m in message.split("tensor ")[1:]}
+    assert refused == {"input", "/1/Gemm_output_0", "/2/Relu_output_0", "/3/Gemm_output_0", "/4/Relu_output_0", "logits"}
+    assert "6 cast(s)" in message and "nearest expressible: ap_ufixed<8,1,AP_RND_CONV,AP_SAT>" in message
+
+
+def test_signed_rnd_constant_exports_unless_a_value_is_a_negative_tie(digits, tmp_path):
+    """A weight cast with AP_RND exports as ROUND (half to even) only because no value of it is a
+    tie where the two differ; put one there (-1.5 LSB) and the weight is refused by name."""
+    (tmp_path / "mixed.toml").write_text(MIXED_CONFIG)
+    model = qfx_onnx.quantize(MODELS / "mlp.onnx", digits[0], calib_samples=128, config=tmp_path / "mixed.toml")
+    proto = qfx_onnx.write_annotated(model, tmp_path / "mixed.qfx.onnx")
+    lsb = model.fixed_types()["1.weight"].lsb
+    weight = next(t for t in proto.graph.initializer if t.name == "1.weight::raw")
+    for value, refused in ((-1.25, False), (-1.5, True)):
+        values = onnx.numpy_helper.to_array(weight).copy()
+        values.flat[0] = value * lsb
+        weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+        if not refused:
+            export_qonnx(proto)
+            continue
+        with pytest.raises(ExportError, match=r"tensor '1.weight' ap_fixed<8,\d,AP_RND,AP_SAT>: .* on its values"):
+            export_qonnx(proto)
+
+
 # ------------------------------------------------------------------------------ CLI and errors
 
 runner = CliRunner()
