@@ -231,7 +231,7 @@ def build_qonnx(model: onnx.ModelProto, casts: list[CastCall], notes: dict[str, 
     nodes, dropped_inputs = [], set()
     for node in model.graph.node:
         if id(node) not in by_node:
-            nodes.append(node)
+            nodes.append(_with_kernel_shape(node, shapes))
             continue
         cast, spec = by_node[id(node)]
         dropped_inputs.update(node.input[1:])
@@ -273,6 +273,20 @@ def _quant_node(cast: CastCall, spec: QuantSpec, rank: int) -> tuple[onnx.NodePr
     node = helper.make_node("Quant", [cast.raw, *(p.name for p in params)], [cast.out],
                             name=cast.node.name or f"{stem}::Quant", domain=QONNX_DOMAIN, **spec.attributes)
     return node, params
+
+
+def _with_kernel_shape(node: onnx.NodeProto, shapes: dict[str, onnx.ValueInfoProto]) -> onnx.NodeProto:
+    """A Conv with ``kernel_shape`` written out: ONNX infers it from the weight when absent, but
+    qonnx's channels-last transformation (the front end hls4ml uses) requires the attribute."""
+    if node.op_type != "Conv" or any(a.name == "kernel_shape" for a in node.attribute) or node.input[1] not in shapes:
+        return node
+    dims = shapes[node.input[1]].type.tensor_type.shape.dim[2:]
+    if not all(d.HasField("dim_value") for d in dims):
+        return node
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    out.attribute.append(helper.make_attribute("kernel_shape", [d.dim_value for d in dims]))
+    return out
 
 
 def _value_info(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:

@@ -1,0 +1,145 @@
+"""How far hls4ml agrees with qfx-onnx on the QONNX models ``export-qonnx`` writes.
+
+    python benchmarks/bench_hls4ml.py [--models mlp cnn-fold cnn-fold-pc dscnn-fold resnet-fold cnn]
+
+For each model: PTQ with ``AP_RND_CONV``/``AP_SAT`` (hls4ml's Quant front end reads only the
+rounding modes ROUND and FLOOR), :func:`qfx_onnx.qonnx_export.export_qonnx`, then hls4ml's
+documented QONNX flow (qonnx ``cleanup_model``, ``ConvertToChannelsLastAndClean``,
+``GemmToMatMul``, ``cleanup_model``), ``convert_from_onnx_model`` (Vitis backend, io_parallel),
+``compile`` (g++) and ``predict`` on the 360 test images, under two precision configs:
+
+* ``default``: ``granularity='model'``, ``fixed<16,6>`` for everything the Quant nodes do not set
+  (accumulators, biases' layers' results, ...): what a user gets without a per-layer config;
+* ``auto``: ``granularity='name'``: every layer ``auto``, so hls4ml infers each precision from
+  the Quant nodes (weights, biases, activations) and derives accumulators itself.
+
+The table shows the fraction of output values equal to the qfx-onnx emulation, the largest
+difference in output LSBs, compile time, and, where they differ, the layers whose precision under
+``default`` is narrower than under ``auto`` (the reason), or the error that stopped hls4ml.
+Nothing is asserted; ``tests/test_qonnx_export.py`` asserts the exact case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import qfx_onnx
+from qfx_onnx.qonnx_export import export_qonnx
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "models" / "digits.npz"
+VARIANTS = {  # name: (shipped model, quantize flags)
+    "mlp": ("mlp", {}),
+    "cnn-fold": ("cnn", {"fold_bn": True}),
+    "cnn-fold-pc": ("cnn", {"fold_bn": True, "per_channel": True}),
+    "dscnn-fold": ("dscnn", {"fold_bn": True}),
+    "resnet-fold": ("resnet", {"fold_bn": True}),
+    "cnn": ("cnn", {}),  # BatchNorm kept as a fixed-point Mul/Add
+}
+CONFIGS = {"default": "model", "auto": "name"}
+
+
+def hls4ml_model(qonnx_proto, granularity: str, folder: Path):
+    import hls4ml
+    from qonnx.core.modelwrapper import ModelWrapper
+    from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
+    from qonnx.transformation.gemm_to_matmul import GemmToMatMul
+    from qonnx.util.cleanup import cleanup_model
+
+    wrapper = cleanup_model(ModelWrapper(qonnx_proto))
+    wrapper = cleanup_model(wrapper.transform(ConvertToChannelsLastAndClean()).transform(GemmToMatMul()))
+    config = hls4ml.utils.config.config_from_onnx_model(wrapper, granularity=granularity, backend="Vitis",
+                                                        default_precision="fixed<16,6>")
+    model = hls4ml.converters.convert_from_onnx_model(wrapper, output_dir=str(folder), io_type="io_parallel",
+                                                      backend="Vitis", hls_config=config)
+    return model, len(wrapper.graph.input[0].type.tensor_type.shape.dim)
+
+
+def precisions(model) -> dict[tuple[str, str], str]:
+    return {(layer.name, kind): str(t.precision) for layer in model.get_layers() for kind, t in layer.types.items()}
+
+
+def _width(text: str) -> tuple[int, int]:
+    m = re.match(r"u?fixed<(\d+),(-?\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def narrower(default: dict, auto: dict) -> str:
+    """Layers whose precision under ``default`` has fewer fraction or integer bits than under ``auto``."""
+    found = []
+    for key, text in default.items():
+        if key in auto and text != auto[key]:
+            (w, i), (aw, ai) = _width(text), _width(auto[key])
+            if w - i < aw - ai or i < ai:
+                found.append(f"{key[0]}.{key[1]} {text.split(',TRN')[0]}> < {auto[key].split(',TRN')[0]}>")
+    return "; ".join(found[:3]) + (f" (+{len(found) - 3})" if len(found) > 3 else "")
+
+
+def run_variant(name: str, folder: Path, x: np.ndarray) -> list[dict]:
+    base, flags = VARIANTS[name]
+    fixed = qfx_onnx.quantize(ROOT / "models" / f"{base}.onnx", DATA, calib_samples=256, rounding="AP_RND_CONV", **flags)
+    annotated = folder / f"{name}.qfx.onnx"
+    qfx_onnx.write_annotated(fixed, annotated)
+    want = fixed.predict(x)
+    lsb = fixed.fixed_types()["logits"].lsb  # every shipped model's output is named logits
+    proto = export_qonnx(annotated)
+    rows, layers = [], {}
+    for config, granularity in CONFIGS.items():
+        row = {"model": name, "config": config}
+        try:
+            model, rank = hls4ml_model(proto, granularity, folder / f"{name}-{config}")
+            started = time.perf_counter()
+            model.compile()
+            row["compile"] = time.perf_counter() - started
+            xin = np.ascontiguousarray(x.transpose(0, 2, 3, 1) if x.ndim == 4 and rank == 4 else x)
+            got = np.asarray(model.predict(xin)).reshape(want.shape)
+            row["equal"] = float((got == want).mean())
+            row["lsb"] = float(np.abs(got - want).max() / lsb)
+            layers[config] = precisions(model)
+        except Exception as exc:  # hls4ml's own limits are what this benchmark reports
+            row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:90]}"
+        rows.append(row)
+    if "default" in layers and "auto" in layers and rows[0].get("equal", 1.0) < 1.0:
+        rows[0]["reason"] = narrower(layers["default"], layers["auto"])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    import hls4ml
+    import qonnx
+
+    d = np.load(DATA)
+    x = d["x"][d["test_idx"]].astype(np.float32)
+    console = Console(width=200)
+    table = Table(title=f"hls4ml {hls4ml.__version__} (qonnx {qonnx.__version__}) on export-qonnx output: "
+                        f"{len(x)} test images vs the qfx-onnx emulation")
+    for col in ("model", "config", "equal outputs", "max |diff| (LSB)", "compile s", "why not equal / error"):
+        table.add_column(col, justify="left" if col in ("model", "config", "why not equal / error") else "right")
+    with tempfile.TemporaryDirectory(prefix="bench_hls4ml_") as tmp:
+        for name in args.models:
+            for row in run_variant(name, Path(tmp), x):
+                ok = "error" not in row
+                table.add_row(row["model"], row["config"], f"{row['equal']:.4f}" if ok else "-",
+                              f"{row['lsb']:g}" if ok else "-", f"{row['compile']:.0f}" if ok else "-",
+                              row.get("error") or row.get("reason", ""))
+            console.print(f"done: {name}")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
