@@ -120,13 +120,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    import hls4ml
-    import qonnx
+    from importlib.metadata import version
 
     d = np.load(DATA)
     x = d["x"][d["test_idx"]].astype(np.float32)
     console = Console(width=200)
-    table = Table(title=f"hls4ml {hls4ml.__version__} (qonnx {qonnx.__version__}) on export-qonnx output: "
+    table = Table(title=f"hls4ml {version('hls4ml')} (qonnx {version('qonnx')}) on export-qonnx output: "
                         f"{len(x)} test images vs the qfx-onnx emulation")
     for col in ("model", "config", "equal outputs", "max |diff| (LSB)", "compile s", "why not equal / error"):
         table.add_column(col, justify="left" if col in ("model", "config", "why not equal / error") else "right")

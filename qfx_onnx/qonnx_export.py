@@ -224,6 +224,9 @@ def build_qonnx(model: onnx.ModelProto, casts: list[CastCall], notes: dict[str, 
     and output), no local cast functions, value_info for every tensor, and the annotations of the
     module docstring. ``model`` is not modified."""
     shapes = _value_info(model)
+    dims = {name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for name, v in shapes.items()}
+    dims.update({t.name: list(t.dims) for t in model.graph.initializer})
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -231,7 +234,7 @@ def build_qonnx(model: onnx.ModelProto, casts: list[CastCall], notes: dict[str, 
     nodes, dropped_inputs = [], set()
     for node in model.graph.node:
         if id(node) not in by_node:
-            nodes.append(_with_kernel_shape(node, shapes))
+            nodes.append(_with_kernel_shape(node, dims))
             continue
         cast, spec = by_node[id(node)]
         dropped_inputs.update(node.input[1:])
@@ -275,17 +278,17 @@ def _quant_node(cast: CastCall, spec: QuantSpec, rank: int) -> tuple[onnx.NodePr
     return node, params
 
 
-def _with_kernel_shape(node: onnx.NodeProto, shapes: dict[str, onnx.ValueInfoProto]) -> onnx.NodeProto:
+def _with_kernel_shape(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> onnx.NodeProto:
     """A Conv with ``kernel_shape`` written out: ONNX infers it from the weight when absent, but
     qonnx's channels-last transformation (the front end hls4ml uses) requires the attribute."""
-    if node.op_type != "Conv" or any(a.name == "kernel_shape" for a in node.attribute) or node.input[1] not in shapes:
+    if node.op_type != "Conv" or any(a.name == "kernel_shape" for a in node.attribute):
         return node
-    dims = shapes[node.input[1]].type.tensor_type.shape.dim[2:]
-    if not all(d.HasField("dim_value") for d in dims):
+    kernel = shapes.get(node.input[1], [None])[2:]
+    if not kernel or None in kernel:
         return node
     out = onnx.NodeProto()
     out.CopyFrom(node)
-    out.attribute.append(helper.make_attribute("kernel_shape", [d.dim_value for d in dims]))
+    out.attribute.append(helper.make_attribute("kernel_shape", kernel))
     return out
 
 
