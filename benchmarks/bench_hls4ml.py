@@ -47,6 +47,15 @@ VARIANTS = {  # name: (shipped model, quantize flags)
     "cnn": ("cnn", {}),  # BatchNorm kept as a fixed-point Mul/Add
 }
 CONFIGS = {"default": "model", "auto": "name"}
+# what stops hls4ml 1.3 on a model, found by reading its traceback (the first match explains it)
+KNOWN_LIMITS = {
+    "ReduceSum": "global average pool is ReduceSum times a quantized 1/N in qfx-onnx (exact); hls4ml's ONNX "
+                 "front end has no ReduceSum",
+    "Unsqueeze": "BatchNorm kept as a fixed-point Mul/Add on [C,1,1] constants: qonnx's channels-last inserts "
+                 "Unsqueeze, which hls4ml's ONNX front end lacks (quantize --fold-bn avoids it)",
+    "IndexError": "per-channel power-of-two weight scales: hls4ml's Quant-on-constant path leaves a layer "
+                  "without input and infer_precision fails",
+}
 
 
 def hls4ml_model(qonnx_proto, granularity: str, folder: Path):
@@ -107,7 +116,8 @@ def run_variant(name: str, folder: Path, x: np.ndarray) -> list[dict]:
             row["lsb"] = float(np.abs(got - want).max() / lsb)
             layers[config] = precisions(model)
         except Exception as exc:  # hls4ml's own limits are what this benchmark reports
-            row["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:90]}"
+            text = f"{type(exc).__name__}: {' '.join(str(exc).split())[:90]}"
+            row["error"] = next((f"{why} ({text})" for key, why in KNOWN_LIMITS.items() if key in text), text)
         rows.append(row)
     if "default" in layers and "auto" in layers and rows[0].get("equal", 1.0) < 1.0:
         rows[0]["reason"] = narrower(layers["default"], layers["auto"])
