@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 from onnx import helper
 from rich.table import Table
 
-from qfx_onnx.errors import OnnxModelError
+from qfx_onnx.errors import OnnxModelError, OutputError
 from qfx_onnx_cli.main import QfxCommand, app, run_command
 from qfx_onnx_cli.options import AnnotatedModel, Force, Json, Quiet, check_new_file
 from qfx_onnx_cli.output import Output
@@ -27,6 +28,10 @@ def export_qonnx(
     model: AnnotatedModel,
     output: Path | None = typer.Option(None, "-o", "--output", metavar="FILE",
                                        show_default="<model>.qonnx.onnx beside the model", help="QONNX file to write."),
+    hls4ml_config: Path | None = typer.Option(
+        None, "--hls4ml-config", metavar="FILE", show_default="none",
+        help="Also write, as JSON {\"LayerName\": {...}}, the hls4ml layer entries that make hls4ml exact: merge them "
+             "into config_from_onnx_model(..., granularity='name')['LayerName']."),
     force: Force = False,
     quiet: Quiet = False,
     json_output: Json = False,
@@ -46,15 +51,24 @@ def export_qonnx(
     run_command(lambda: _export_qonnx(**args, out=out))
 
 
-def _export_qonnx(model: Path, output: Path | None, force: bool, out: Output) -> None:
-    from qfx_onnx.qonnx_export import QONNX_DOMAIN, export_qonnx as export
+def _export_qonnx(model: Path, output: Path | None, hls4ml_config: Path | None, force: bool, out: Output) -> None:
+    from qfx_onnx.atomic import write_atomic
+    from qfx_onnx.qonnx_export import QONNX_DOMAIN, export_qonnx as export, hls4ml_layer_config
 
     if not model.is_file():
         raise OnnxModelError(f"{model}: no such file")
     output = output or default_output(model)
     check_new_file(output, force)
+    if hls4ml_config is not None:
+        check_new_file(hls4ml_config, force)
+        if hls4ml_config.resolve() in (output.resolve(), model.resolve()):
+            raise OutputError(f"{hls4ml_config}: the hls4ml config needs a file of its own")
     with out.status("writing the QONNX model"):
         proto = export(model, output)
+    if hls4ml_config is not None:
+        layers = hls4ml_layer_config(proto)
+        write_atomic(hls4ml_config, json.dumps({"LayerName": layers}, indent=2) + "\n", what="hls4ml config")
+        out.line(f"wrote {hls4ml_config} (hls4ml layer entries: {', '.join(layers) or 'none'})")
     notes = {a.tensor_name: {kv.key: kv.value for kv in a.quant_parameter_tensor_names}
              for a in proto.graph.quantization_annotation}
     rows = []
@@ -70,5 +84,6 @@ def _export_qonnx(model: Path, output: Path | None, force: bool, out: Output) ->
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     out.table(table)
-    out.result({"output": str(output), "quant_nodes": rows, "annotated": len(notes)})
+    out.result({"output": str(output), "quant_nodes": rows, "annotated": len(notes),
+                "hls4ml_config": None if hls4ml_config is None else str(hls4ml_config)})
     out.final(f"wrote {output} ({len(rows)} Quant nodes, {len(notes)} annotated tensors)")

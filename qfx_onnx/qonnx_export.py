@@ -132,6 +132,31 @@ def finn_datatype(t: FixedType) -> str:
     return f"FIXED<{t.width + 1},{t.integer + 1}>"
 
 
+def hls4ml_layer_config(qonnx_model: onnx.ModelProto) -> dict[str, dict]:
+    """The hls4ml per-layer config (``config['LayerName']`` entries) that makes hls4ml's QONNX front
+    end reproduce the model bit for bit, to be merged into ``config_from_onnx_model(...,
+    granularity='name')``.
+
+    hls4ml infers every layer's precision from the Quant nodes (lossless accumulators included)
+    but converts the float input to the model default (``fixed<16,6>``, truncating and wrapping)
+    before the input's Quant; the entry sets that input layer (``global_in``, the name qonnx's
+    ``cleanup_model`` gives the graph input) to the input cast's own type, so the conversion is the
+    cast. Found and checked by ``benchmarks/bench_hls4ml.py`` and ``tests/test_qonnx_export.py``.
+    Returns {} for a model with several inputs (qonnx names them differently).
+    """
+    graph = qonnx_model.graph
+    if len(graph.input) != 1:
+        return {}
+    notes = {a.tensor_name: {kv.key: kv.value for kv in a.quant_parameter_tensor_names} for a in graph.quantization_annotation}
+    for node in graph.node:
+        if node.op_type == "Quant" and node.input[0] == graph.input[0].name and KEY_TYPE in notes.get(node.output[0], {}):
+            t = FixedType.parse(notes[node.output[0]][KEY_TYPE])
+            modes = f",{t.q.value[3:]},{t.o.value[3:]},{t.n}"
+            text = f"{'fixed' if t.signed else 'ufixed'}<{t.width},{t.integer}{modes}>"
+            return {"global_in": {"Precision": {"result": text}}}
+    return {}
+
+
 # ------------------------------------------------------------------------------------ modes
 
 
@@ -332,4 +357,5 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
-__all__ = ["QONNX_DOMAIN", "ROUNDING_MODES", "QuantSpec", "build_qonnx", "export_qonnx", "finn_datatype"]
+__all__ = ["QONNX_DOMAIN", "ROUNDING_MODES", "QuantSpec", "build_qonnx", "export_qonnx", "finn_datatype",
+           "hls4ml_layer_config"]

@@ -9,6 +9,7 @@ finds which pairs agree.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -330,22 +331,34 @@ def test_cli_writes_refuses_and_never_overwrites(mlp_files, digits):
 @pytest.mark.hls4ml
 def test_hls4ml_predicts_the_mlp_bit_exactly(mlp_files, digits, tmp_path):
     """hls4ml's QONNX front end (qonnx cleanup, channels-last, Gemm to MatMul) on the exported MLP:
-    convert, compile with g++, predict. With per-layer ('name') precision left to hls4ml's own
-    inference from the Quant nodes it is exact: every output equals the emulation."""
+    convert, compile with g++, predict. Per-layer ('name') precision inferred by hls4ml from the
+    Quant nodes plus export-qonnx's --hls4ml-config entry for the input layer: every output equals
+    the emulation, on the digits and on random float inputs with all 24 significand bits (without
+    the entry hls4ml truncates those to its default fixed<16,6> first: see bench_hls4ml.py)."""
     hls4ml = pytest.importorskip("hls4ml")
     from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
     from qonnx.transformation.gemm_to_matmul import GemmToMatMul
     from qonnx.util.cleanup import cleanup_model
 
     src = mlp_files / "conv.qfx.onnx"
-    wrapper = cleanup_model(ModelWrapper(export_qonnx(src)))
+    result = runner.invoke(app, ["export-qonnx", str(src), "-o", str(tmp_path / "m.onnx"),
+                                 "--hls4ml-config", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    layers = json.loads((tmp_path / "m.json").read_text())["LayerName"]
+    assert layers == {"global_in": {"Precision": {"result": "ufixed<8,1,RND_CONV,SAT,0>"}}}
+
+    wrapper = cleanup_model(ModelWrapper(str(tmp_path / "m.onnx")))
     wrapper = cleanup_model(wrapper.transform(ConvertToChannelsLastAndClean()).transform(GemmToMatMul()))
     config = hls4ml.utils.config.config_from_onnx_model(wrapper, granularity="name", backend="Vitis",
                                                         default_precision="fixed<16,6>")
+    for name, entry in layers.items():
+        config["LayerName"][name]["Precision"].update(entry["Precision"])
     hls = hls4ml.converters.convert_from_onnx_model(wrapper, output_dir=str(tmp_path / "hls4ml"), io_type="io_parallel",
                                                     backend="Vitis", hls_config=config)
     hls.compile()
-    x = np.ascontiguousarray(digits[1])
-    want = qfx_onnx.read_annotated(src).predict(x)
-    got = np.asarray(hls.predict(x)).reshape(want.shape)
-    np.testing.assert_array_equal(got, want)
+    fixed = qfx_onnx.read_annotated(src)
+    noise = np.random.default_rng(0).uniform(-0.2, 2.2, size=(500, 1, 8, 8)).astype(np.float32)
+    for x in (np.ascontiguousarray(digits[1]), noise):
+        want = fixed.predict(x)
+        got = np.asarray(hls.predict(x)).reshape(want.shape)
+        np.testing.assert_array_equal(got, want)
