@@ -11,7 +11,12 @@ documented QONNX flow (qonnx ``cleanup_model``, ``ConvertToChannelsLastAndClean`
 * ``default``: ``granularity='model'``, ``fixed<16,6>`` for everything the Quant nodes do not set
   (accumulators, biases' layers' results, ...): what a user gets without a per-layer config;
 * ``auto``: ``granularity='name'``: every layer ``auto``, so hls4ml infers each precision from
-  the Quant nodes (weights, biases, activations) and derives accumulators itself.
+  the Quant nodes (weights, biases, activations) and derives accumulators itself;
+* ``auto+input``: ``auto`` plus :func:`qfx_onnx.qonnx_export.hls4ml_layer_config` (what
+  ``export-qonnx --hls4ml-config`` writes): the input layer gets the input cast's type.
+
+Each is run on the digits test images (multiples of 1/16) and on 2,000 random float32 inputs in
+[-0.2, 2.2) with all 24 significand bits.
 
 The table shows the fraction of output values equal to the qfx-onnx emulation, the largest
 difference in output LSBs, compile time, and, where they differ, the layers whose precision under
@@ -34,7 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 import qfx_onnx
-from qfx_onnx.qonnx_export import export_qonnx
+from qfx_onnx.qonnx_export import export_qonnx, hls4ml_layer_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "models" / "digits.npz"
@@ -46,7 +51,7 @@ VARIANTS = {  # name: (shipped model, quantize flags)
     "resnet-fold": ("resnet", {"fold_bn": True}),
     "cnn": ("cnn", {}),  # BatchNorm kept as a fixed-point Mul/Add
 }
-CONFIGS = {"default": "model", "auto": "name"}
+CONFIGS = {"default": "model", "auto": "name", "auto+input": "name"}
 # what stops hls4ml 1.3 on a model, found by reading its traceback (the first match explains it)
 KNOWN_LIMITS = {
     "ReduceSum": "global average pool is ReduceSum times a quantized 1/N in qfx-onnx (exact); hls4ml's ONNX "
@@ -58,7 +63,7 @@ KNOWN_LIMITS = {
 }
 
 
-def hls4ml_model(qonnx_proto, granularity: str, folder: Path):
+def hls4ml_model(qonnx_proto, config_name: str, folder: Path):
     import hls4ml
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.transformation.channels_last import ConvertToChannelsLastAndClean
@@ -67,8 +72,11 @@ def hls4ml_model(qonnx_proto, granularity: str, folder: Path):
 
     wrapper = cleanup_model(ModelWrapper(qonnx_proto))
     wrapper = cleanup_model(wrapper.transform(ConvertToChannelsLastAndClean()).transform(GemmToMatMul()))
-    config = hls4ml.utils.config.config_from_onnx_model(wrapper, granularity=granularity, backend="Vitis",
+    config = hls4ml.utils.config.config_from_onnx_model(wrapper, granularity=CONFIGS[config_name], backend="Vitis",
                                                         default_precision="fixed<16,6>")
+    if config_name == "auto+input":
+        for name, entry in hls4ml_layer_config(qonnx_proto).items():
+            config["LayerName"][name]["Precision"].update(entry["Precision"])
     model = hls4ml.converters.convert_from_onnx_model(wrapper, output_dir=str(folder), io_type="io_parallel",
                                                       backend="Vitis", hls_config=config)
     return model, len(wrapper.graph.input[0].type.tensor_type.shape.dim)
@@ -94,33 +102,36 @@ def narrower(default: dict, auto: dict) -> str:
     return "; ".join(found[:3]) + (f" (+{len(found) - 3})" if len(found) > 3 else "")
 
 
-def run_variant(name: str, folder: Path, x: np.ndarray) -> list[dict]:
+def run_variant(name: str, folder: Path, inputs: dict[str, np.ndarray]) -> list[dict]:
     base, flags = VARIANTS[name]
     fixed = qfx_onnx.quantize(ROOT / "models" / f"{base}.onnx", DATA, calib_samples=256, rounding="AP_RND_CONV", **flags)
     annotated = folder / f"{name}.qfx.onnx"
     qfx_onnx.write_annotated(fixed, annotated)
-    want = fixed.predict(x)
+    wants = {k: fixed.predict(x) for k, x in inputs.items()}
     lsb = fixed.fixed_types()["logits"].lsb  # every shipped model's output is named logits
     proto = export_qonnx(annotated)
     rows, layers = [], {}
-    for config, granularity in CONFIGS.items():
+    for config in CONFIGS:
         row = {"model": name, "config": config}
         try:
-            model, rank = hls4ml_model(proto, granularity, folder / f"{name}-{config}")
+            model, rank = hls4ml_model(proto, config, folder / f"{name}-{config}")
             started = time.perf_counter()
             model.compile()
             row["compile"] = time.perf_counter() - started
-            xin = np.ascontiguousarray(x.transpose(0, 2, 3, 1) if x.ndim == 4 and rank == 4 else x)
-            got = np.asarray(model.predict(xin)).reshape(want.shape)
-            row["equal"] = float((got == want).mean())
-            row["lsb"] = float(np.abs(got - want).max() / lsb)
+            for key, x in inputs.items():
+                xin = np.ascontiguousarray(x.transpose(0, 2, 3, 1) if x.ndim == 4 and rank == 4 else x)
+                got = np.asarray(model.predict(xin)).reshape(wants[key].shape)
+                row[key] = (float((got == wants[key]).mean()), float(np.abs(got - wants[key]).max() / lsb))
             layers[config] = precisions(model)
         except Exception as exc:  # hls4ml's own limits are what this benchmark reports
             text = f"{type(exc).__name__}: {' '.join(str(exc).split())[:90]}"
             row["error"] = next((f"{why} ({text})" for key, why in KNOWN_LIMITS.items() if key in text), text)
         rows.append(row)
-    if "default" in layers and "auto" in layers and rows[0].get("equal", 1.0) < 1.0:
+    if "default" in layers and "auto" in layers and rows[0].get("digits", (1.0,))[0] < 1.0:
         rows[0]["reason"] = narrower(layers["default"], layers["auto"])
+    if rows[1].get("random", (1.0,))[0] < 1.0:
+        rows[1]["reason"] = f"input layer global_in {layers['auto'][('global_in', 'result_t')]}: the float input is " \
+                            "truncated before the input Quant"
     return rows
 
 
@@ -133,19 +144,21 @@ def main() -> None:
     from importlib.metadata import version
 
     d = np.load(DATA)
-    x = d["x"][d["test_idx"]].astype(np.float32)
+    inputs = {"digits": d["x"][d["test_idx"]].astype(np.float32),
+              "random": np.random.default_rng(0).uniform(-0.2, 2.2, size=(2000, 1, 8, 8)).astype(np.float32)}
     console = Console(width=200)
     table = Table(title=f"hls4ml {version('hls4ml')} (qonnx {version('qonnx')}) on export-qonnx output: "
-                        f"{len(x)} test images vs the qfx-onnx emulation")
-    for col in ("model", "config", "equal outputs", "max |diff| (LSB)", "compile s", "why not equal / error"):
+                        "outputs equal to the qfx-onnx emulation, max |difference| in output LSBs")
+    for col in ("model", "config", "digits: equal", "LSB", "random floats: equal", "LSB", "compile s",
+                "why not equal / error"):
         table.add_column(col, justify="left" if col in ("model", "config", "why not equal / error") else "right")
     with tempfile.TemporaryDirectory(prefix="bench_hls4ml_") as tmp:
         for name in args.models:
-            for row in run_variant(name, Path(tmp), x):
+            for row in run_variant(name, Path(tmp), inputs):
                 ok = "error" not in row
-                table.add_row(row["model"], row["config"], f"{row['equal']:.4f}" if ok else "-",
-                              f"{row['lsb']:g}" if ok else "-", f"{row['compile']:.0f}" if ok else "-",
-                              row.get("error") or row.get("reason", ""))
+                cells = [f"{row[k][0]:.4f}\t{row[k][1]:g}" if ok else "-\t-" for k in inputs]
+                table.add_row(row["model"], row["config"], *"\t".join(cells).split("\t"),
+                              f"{row['compile']:.0f}" if ok else "-", row.get("error") or row.get("reason", ""))
             console.print(f"done: {name}")
     console.print(table)
 
