@@ -319,9 +319,16 @@ def test_cli_writes_refuses_and_never_overwrites(mlp_files, digits):
     flt = runner.invoke(app, ["export-qonnx", str(MODELS / "mlp.onnx"), "-o", str(mlp_files / "f.onnx")])
     assert flt.exit_code == 1 and "not an annotated qfx model" in flt.output
 
-    as_json = runner.invoke(app, ["export-qonnx", str(src), "--json", "--force", "-q"])
+    as_json = runner.invoke(app, ["export-qonnx", str(src), "--json", "--force", "-q",
+                                  "--hls4ml-config", str(mlp_files / "conv.hls4ml.json")])
     assert as_json.exit_code == 0
-    assert '"rounding_mode": "ROUND"' in as_json.stdout
+    payload = json.loads(as_json.stdout)
+    assert payload["quant_nodes"][0] == {"tensor": "input::quant", "type": "ap_ufixed<8,1,AP_RND_CONV,AP_SAT>",
+                                         "signed": 0, "narrow": 0, "rounding_mode": "ROUND"}
+    assert json.loads((mlp_files / "conv.hls4ml.json").read_text()) == \
+        {"LayerName": {"global_in": {"Precision": {"result": "ufixed<8,1,RND_CONV,SAT,0>"}}}}
+    clash = runner.invoke(app, ["export-qonnx", str(src), "--force", "--hls4ml-config", str(out)])
+    assert clash.exit_code == 1 and "needs a file of its own" in clash.output
 
 
 # ------------------------------------------------------------------------------ hls4ml
