@@ -137,8 +137,10 @@ def test_every_cast_exports_or_is_refused_by_name(signed):
     exported = refused = 0
     for q in Q:
         for o in O:
-            for width in (1, 4):
-                t = FixedType(width, 2, signed=signed, q=q, o=o)
+            for width, n in ((1, 0), (4, 0), (4, 1)):
+                if n and o is not O.WRAP:
+                    continue
+                t = FixedType(width, 2, signed=signed, q=q, o=o, n=n)
                 x = probe(t)
                 try:
                     proto = export_qonnx(cast_only_model(t, len(x)))
@@ -203,7 +205,7 @@ def test_shipped_models_equal_emulation_in_qonnx_executor(name, flags, digits, t
     model = qfx_onnx.quantize(MODELS / f"{name}.onnx", train, calib_samples=128, **flags)
     annotated = tmp_path / f"{name}.qfx.onnx"
     qfx_onnx.write_annotated(model, annotated)
-    proto = export_qonnx(annotated, tmp_path / f"{name}.qonnx.onnx")
+    proto = qfx_onnx.export_qonnx(annotated, tmp_path / f"{name}.qonnx.onnx")  # the public API
     check_exported(proto, annotated, test)
 
 
