@@ -48,7 +48,8 @@ def run_qonnx(model: onnx.ModelProto, x: np.ndarray, full: bool = False) -> dict
     if wrapper.graph.input[0].type.tensor_type.shape.dim[0].dim_param:
         wrapper = wrapper.transform(ChangeBatchSize(len(x))).transform(InferShapes())
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # qonnx warns when it must round a value its annotation forbids
+        # qonnx warns when it must round a value its finn_datatype annotation forbids: make that fail
+        warnings.filterwarnings("error", message=".*can't be represented with the set datatype annotation")
         return execute_onnx(wrapper, {wrapper.graph.input[0].name: x}, return_full_exec_context=full)
 
 
