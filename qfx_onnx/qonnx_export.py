@@ -3,7 +3,8 @@
 QONNX (FINN, hls4ml, Brevitas, QKeras) writes a quantizer as ``Quant(x, scale, zero_point,
 bitwidth)`` in the domain :data:`QONNX_DOMAIN`, with attributes ``signed``, ``narrow`` and
 ``rounding_mode`` (spec: qonnx ``docs/qonnx-custom-ops/quant_op.md``; executor:
-``qonnx.custom_op.general.intquant.int_quant``). It computes::
+``qonnx.custom_op.general.intquant.int_quant``; the newest spec calls the op ``IntQuant`` and
+still reads ``Quant``, the name hls4ml 1.3 and FINN read, so ``Quant`` is written). It computes::
 
     y = clip(x / scale + zero_point, min_int(signed, narrow, W), max_int(signed, narrow, W))
     y = (rounding_mode(y) - zero_point) * scale
