@@ -64,6 +64,19 @@ def read_annotated(source: str | os.PathLike | onnx.ModelProto) -> FixedPointMod
     return fixed
 
 
+def checked_casts(model: onnx.ModelProto, label: str) -> tuple[list[CastCall], dict[str, dict[str, str]], Types,
+                                                                dict[str, int | None]]:
+    """The cast calls of an annotated model, its annotations and, per cast tensor, its type(s) and
+    channel axis, checked as :func:`read_annotated` checks them (for exporters that rewrite the
+    ONNX graph without rebuilding the emulation). Raises OnnxModelError as read_annotated does."""
+    casts = find_casts(model.graph, label)
+    if not casts:
+        raise OnnxModelError(f"{label}: {NOT_ANNOTATED}")
+    notes = annotations(model.graph, label)
+    types, axes, _ = _cast_types(model, casts, notes, label)
+    return casts, notes, types, axes
+
+
 def _cast_types(model: onnx.ModelProto, casts: list[CastCall], notes: dict[str, dict[str, str]],
                 label: str) -> tuple[Types, dict[str, int | None], dict[str, str]]:
     """Per cast tensor: the annotated type(s), the channel axis and the role, all checked."""
