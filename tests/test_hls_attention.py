@@ -6,9 +6,12 @@ on the annotated ONNX, and g++ C-simulation of the HLS project against the real 
   transposed to (N, H, d, T)), scores ``Q K^T`` (MatMul of two activations, rank 4) times a
   constant scale, ReduceMax of the scores over the last axis, ``P = Sigmoid(scores)`` (a runtime
   tensor: softmax is another branch's), context ``P V``, the head merge and a mean over tokens
-  (ReduceMean). Outputs: the scores, their row maxima and the pooled context.
+  (ReduceMean); and a constant (T, T) token-mixing matrix times the tokens (a constant first
+  operand, broadcast over the batch). Outputs: the scores, their row maxima, the pooled context
+  and the mixed tokens.
 * :class:`AttentionBlock` (PyTorch, TorchScript exporter, opset 17, dynamic batch): a full
-  attention block with softmax replaced by ReLU, residual, mean pooling and a linear head.
+  attention block with softmax replaced by ReLU, residual, mean plus max pooling over the tokens
+  (ReduceMean, ReduceMax over axis 1) and a linear head.
 
 Each model is quantized with the Python API on the digits data (each 8-pixel row a token),
 verified against onnxruntime, and C-simulated in one compile.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +53,7 @@ def heads_model() -> onnx.ModelProto:
     def f(*shape):
         return (rng.standard_normal(shape) * 0.5).astype(np.float32)
 
-    inits = dict(pos=f(T, C) * 0.5, Wq=f(C, C), Wk=f(C, C), Wv=f(C, C), scale=np.array(D ** -0.5, np.float32),
+    inits = dict(pos=f(T, C) * 0.5, mix=f(T, T), Wq=f(C, C), Wk=f(C, C), Wv=f(C, C), scale=np.array(D ** -0.5, np.float32),
                  tokens=np.array([-1, T, C], np.int64), split=np.array([0, T, H, D], np.int64),
                  merge=np.array([0, T, C], np.int64), last=np.array([-1], np.int64), tok=np.array([1], np.int64))
     n = helper.make_node
@@ -73,10 +77,11 @@ def heads_model() -> onnx.ModelProto:
         n("Transpose", ["ctx"], ["ct"], name="merge_t", perm=[0, 2, 1, 3]),
         n("Reshape", ["ct", "merge"], ["cm"], name="merge"),
         n("ReduceMean", ["cm", "tok"], ["y"], name="mean_pool", keepdims=0),
+        n("MatMul", ["mix", "xp"], ["mixed"], name="token_mix"),
     ]
     graph = helper.make_graph(
         nodes, "heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, T, C])],
-        [helper.make_empty_tensor_value_info(name) for name in ("s", "smax", "y")],
+        [helper.make_empty_tensor_value_info(name) for name in ("s", "smax", "y", "mixed")],
         [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
     model = onnx.shape_inference.infer_shapes(
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8))
@@ -102,13 +107,16 @@ class AttentionBlock(torch.nn.Module):
         q, k, v = (a.reshape(n, T, H, D).transpose(1, 2) for a in (q, k, v))  # (N, H, T, D)
         p = torch.relu(q @ k.transpose(-2, -1) * D ** -0.5)
         ctx = (p @ v).transpose(1, 2).reshape(n, T, C)
-        return self.head((t + self.out(ctx)).mean(dim=1))
+        r = t + self.out(ctx)
+        return self.head(r.mean(dim=1) + r.amax(dim=1))
 
 
 def torch_block() -> onnx.ModelProto:
     buffer = io.BytesIO()
-    torch.onnx.export(AttentionBlock().eval(), (digits("train")[:2],), buffer, dynamo=False, opset_version=17,
-                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notices
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(AttentionBlock().eval(), (digits("train")[:2],), buffer, dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -132,7 +140,8 @@ def _layers(result, kind: str) -> list[dict]:
 
 def test_scores_context_and_head_split_are_bit_exact(tmp_path):
     result = three_ways(heads_model(), tmp_path, "heads")
-    scores, context = _layers(result, "matmul_act")
+    scores, context, mixed = _layers(result, "matmul_act")
+    assert mixed["onnx_node"] == "token_mix" and mixed["iterations"] == T and mixed["weight_bits"] == T * T * 8
     assert (scores["onnx_node"], context["onnx_node"]) == ("scores", "context")
     # one pipelined iteration per (head, query row); every product of a row is a multiplier:
     # T columns x D terms (scores, plus the T products of its fused scale), D columns x T terms
@@ -152,4 +161,5 @@ def test_scores_context_and_head_split_are_bit_exact(tmp_path):
 def test_torch_attention_block_is_bit_exact(tmp_path):
     result = three_ways(torch_block(), tmp_path, "block")
     assert len(_layers(result, "matmul_act")) == 2
+    assert {e["op"] for e in _layers(result, "reduce")} == {"reduce_sum", "reduce_max"}
     assert result.report["totals"]["dsp"] >= sum(e["dsp"] for e in _layers(result, "matmul_act")) > 0
