@@ -33,6 +33,7 @@ from onnx import TensorProto, helper
 from qfx_onnx.data import load_arrays
 from qfx_onnx.hls.project import export_hls
 from qfx_onnx.importer import load_onnx
+from qfx_onnx.ir.ops import IR_OPS, op_of
 from qfx_onnx.quant.annotated import verify_annotated, write_annotated
 from qfx_onnx.quant.quantize import quantize_graph
 
@@ -120,14 +121,15 @@ def torch_block() -> onnx.ModelProto:
     return onnx.load_from_string(buffer.getvalue())
 
 
-def three_ways(model: onnx.ModelProto, tmp_path: Path, name: str):
+def three_ways(model: onnx.ModelProto | torch.fx.GraphModule, tmp_path: Path, name: str, io: str = "parallel"):
     """Quantize on digits, verify onnxruntime bit-exact, C-simulate bit-exact; the export result."""
-    fpm = quantize_graph(load_onnx(model), [digits("train")[:256]])
+    gm = model if isinstance(model, torch.fx.GraphModule) else load_onnx(model)
+    fpm = quantize_graph(gm, [digits("train")[:256]])
     path = tmp_path / f"{name}.onnx"
     write_annotated(fpm, path)
     check = verify_annotated(fpm, path, digits("test")[:64])
     assert check.ok, check.summary()
-    result = export_hls(fpm, tmp_path / name, top=name, data=(digits("test"),), n_vectors=VECTORS, csim=True)
+    result = export_hls(fpm, tmp_path / name, top=name, io=io, data=(digits("test"),), n_vectors=VECTORS, csim=True)
     assert result.csim.passed, result.csim.output[-3000:]
     assert (result.csim.vectors, result.csim.mismatches) == (VECTORS, 0)
     assert result.csim.values == VECTORS * sum(b.size for b in result.model.outputs)
@@ -163,3 +165,22 @@ def test_torch_attention_block_is_bit_exact(tmp_path):
     assert len(_layers(result, "matmul_act")) == 2
     assert {e["op"] for e in _layers(result, "reduce")} == {"reduce_sum", "reduce_max"}
     assert result.report["totals"]["dsp"] >= sum(e["dsp"] for e in _layers(result, "matmul_act")) > 0
+
+
+def test_shipped_transformer_data_path_is_bit_exact(tmp_path):
+    """models/transformer.onnx (4 heads, 2 layers) with its nonlinear units (Softmax,
+    LayerNormalization, Gelu: another branch's) replaced by ReLU, so that everything else it
+    computes, the four MatMuls of two activations and the head split/merge included, goes
+    through all three executions; ``--io stream`` (DATAFLOW, fanout copies)."""
+    gm = load_onnx(ROOT / "models" / "transformer.onnx")
+    replaced = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and op_of(node.target) in (IR_OPS["softmax"], IR_OPS["layer_norm"], IR_OPS["gelu"]):
+            node.target, node.args, node.kwargs = IR_OPS["relu"].fn, (node.args[0],), {}
+            replaced += 1
+    assert replaced == 2 + 5 + 2
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    result = three_ways(gm, tmp_path, "encoder", io="stream")
+    products = _layers(result, "matmul_act")
+    assert len(products) == 4 and all(e["iterations"] == 4 * 8 for e in products)  # heads x tokens
