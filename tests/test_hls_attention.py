@@ -31,6 +31,7 @@ import torch
 from onnx import TensorProto, helper
 
 from qfx_onnx.data import load_arrays
+from qfx_onnx.errors import ExportError
 from qfx_onnx.hls.project import export_hls
 from qfx_onnx.importer import load_onnx
 from qfx_onnx.ir.ops import IR_OPS, op_of
@@ -184,3 +185,21 @@ def test_shipped_transformer_data_path_is_bit_exact(tmp_path):
     result = three_ways(gm, tmp_path, "encoder", io="stream")
     products = _layers(result, "matmul_act")
     assert len(products) == 4 and all(e["iterations"] == 4 * 8 for e in products)  # heads x tokens
+
+
+def test_product_with_a_vector_is_refused_in_one_line(tmp_path):
+    """``v @ x`` with ``v`` a 1-D constant is no matrix product of activations: one ExportError
+    naming the node, before any file is written."""
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "tokens"], ["xt"], name="to_tokens"),
+         helper.make_node("MatMul", ["v", "xt"], ["y"], name="vec_times_tokens")], "vector",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, T, C])],
+        [helper.make_empty_tensor_value_info("y")],
+        [onnx.numpy_helper.from_array(np.linspace(-1, 1, T).astype(np.float32), "v"),
+         onnx.numpy_helper.from_array(np.array([-1, T, C], np.int64), "tokens")])
+    model = onnx.shape_inference.infer_shapes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    fpm = quantize_graph(load_onnx(model), [digits("train")[:64]])
+    with pytest.raises(ExportError, match=r"^node 'vec_times_tokens' \(matmul\): .*rank 2 or more.*\(8,\) x \(1, 8, 8\)$"):
+        export_hls(fpm, tmp_path / "vec", data=(digits("test"),), n_vectors=2)
+    assert not (tmp_path / "vec").exists()
