@@ -11,7 +11,7 @@ on the annotated ONNX, and g++ C-simulation of the HLS project against the real 
   and the mixed tokens.
 * :class:`AttentionBlock` (PyTorch, TorchScript exporter, opset 17, dynamic batch): a full
   attention block with softmax replaced by ReLU, residual, mean plus max pooling over the tokens
-  (ReduceMean, ReduceMax over axis 1) and a linear head.
+  (ReduceMean, ReduceMax over axis 1) and a linear head; exported with ``--io stream``.
 
 Each model is quantized with the Python API on the digits data (each 8-pixel row a token),
 verified against onnxruntime, and C-simulated in one compile.
@@ -162,7 +162,7 @@ def test_scores_context_and_head_split_are_bit_exact(tmp_path):
 
 
 def test_torch_attention_block_is_bit_exact(tmp_path):
-    result = three_ways(torch_block(), tmp_path, "block")
+    result = three_ways(torch_block(), tmp_path, "block", io="stream")  # DATAFLOW, fanout copies
     assert len(_layers(result, "matmul_act")) == 2
     assert {e["op"] for e in _layers(result, "reduce")} == {"reduce_sum", "reduce_max"}
     assert result.report["totals"]["dsp"] >= sum(e["dsp"] for e in _layers(result, "matmul_act")) > 0
@@ -172,7 +172,7 @@ def test_shipped_transformer_data_path_is_bit_exact(tmp_path):
     """models/transformer.onnx (4 heads, 2 layers) with its nonlinear units (Softmax,
     LayerNormalization, Gelu: another branch's) replaced by ReLU, so that everything else it
     computes, the four MatMuls of two activations and the head split/merge included, goes
-    through all three executions; ``--io stream`` (DATAFLOW, fanout copies)."""
+    through all three executions."""
     gm = load_onnx(ROOT / "models" / "transformer.onnx")
     replaced = 0
     for node in gm.graph.nodes:
@@ -182,7 +182,7 @@ def test_shipped_transformer_data_path_is_bit_exact(tmp_path):
     assert replaced == 2 + 5 + 2
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    result = three_ways(gm, tmp_path, "encoder", io="stream")
+    result = three_ways(gm, tmp_path, "encoder")
     products = _layers(result, "matmul_act")
     assert len(products) == 4 and all(e["iterations"] == 4 * 8 for e in products)  # heads x tokens
 
@@ -203,3 +203,15 @@ def test_product_with_a_vector_is_refused_in_one_line(tmp_path):
     with pytest.raises(ExportError, match=r"^node 'vec_times_tokens' \(matmul\): .*rank 2 or more.*\(8,\) x \(1, 8, 8\)$"):
         export_hls(fpm, tmp_path / "vec", data=(digits("test"),), n_vectors=2)
     assert not (tmp_path / "vec").exists()
+
+
+@pytest.mark.parametrize("out_batch, shape", [((1, 4), (1, 4, 8, 2)), ((2, 3), (2, 1, 4, 5)), ((2, 3), (3, 4, 5)),
+                                              ((3, 2), (4, 5)), ((2, 3, 4), (3, 1, 2, 2))])
+def test_batch_offsets_follow_numpy_broadcasting(out_batch, shape):
+    """matmul_act's ``a_base``/``b_base``: the offset of each batch's matrix, as numpy broadcasts."""
+    from qfx_onnx.hls.kinds import _batch_part
+
+    expr = _batch_part(out_batch, shape).replace("/", "//")  # C++ int division of non-negative ints
+    matrices = np.arange(int(np.prod(shape))).reshape(shape)
+    expected = np.broadcast_to(matrices[..., 0, 0], out_batch).reshape(-1)
+    assert [eval(expr, {"bi": bi}) for bi in range(expected.size)] == expected.tolist()
