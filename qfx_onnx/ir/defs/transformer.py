@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from qfx_onnx.ir.defs.arith import _emit_reduce, _first
-from qfx_onnx.ir.opdef import NoHls, ir_op
+from qfx_onnx.ir.opdef import HlsForm, ir_op
 
 
 @ir_op("nonlinear", "LayerNormalization")
@@ -92,8 +92,7 @@ def reciprocal(x):
     return torch.reciprocal(x)
 
 
-@ir_op("arith", "ReduceMax", type_rule=_first, emit=_emit_reduce,
-       hls=NoHls("no HLS form for a max over arbitrary axes yet"))
+@ir_op("arith", "ReduceMax", type_rule=_first, emit=_emit_reduce, hls=HlsForm.head("reduce", is_max=True))
 def reduce_max(x, *, axes, keepdims=1):
     """ONNX ReduceMax over ``axes`` (a non-empty list of non-negative axes; the importer resolves
     "all axes"). Exact: the result is one of the inputs."""
