@@ -50,8 +50,7 @@ def read_annotated(source: str | os.PathLike | onnx.ModelProto) -> FixedPointMod
     notes = annotations(model.graph, label)
     types, axes, roles = _cast_types(model, casts, notes, label)
     float_model = strip_casts(model, casts)
-    gm = load_onnx(float_model)
-    restore_ir_ops(gm, {n.name: {p.key: p.value for p in n.metadata_props} for n in model.graph.node}, label)
+    gm = load_onnx(float_model)  # restores the tagged IR ops (restore_qfx_marks)
     try:
         fixed = quantize_with_types(gm, types)
     except ValueError as exc:  # a per-channel type on a tensor without a channel axis
@@ -179,6 +178,22 @@ def strip_casts(model: onnx.ModelProto, casts: list[CastCall]) -> onnx.ModelProt
     return out
 
 
+def restore_qfx_marks(gm: fx.GraphModule, model: onnx.ModelProto, label: str) -> None:
+    """What a qfx-onnx writer marked in ``model`` (annotated, or QONNX from export-qonnx), on the
+    graph ``gm`` imported from it: IR ops emitted as several nodes (tagged ``qfx.ir_op``) are
+    restored, and tensors annotated ``qfx.role = lossless`` get ``meta["lossless"]``, so that
+    quantize leaves them lossless (no cast) as the writer's model did. A QONNX model qfx-onnx
+    exported thus quantizes back to the model it came from."""
+    tags = {n.name: {p.key: p.value for p in n.metadata_props} for n in model.graph.node}
+    if any(NODE_IR_OP in t for t in tags.values()):
+        restore_ir_ops(gm, tags, label)
+    lossless = {a.tensor_name for a in model.graph.quantization_annotation
+                if any(kv.key == KEY_ROLE and kv.value == LOSSLESS for kv in a.quant_parameter_tensor_names)}
+    for node in gm.graph.nodes:
+        if lossless and node.op == "call_function" and node.meta.get("onnx_name") in lossless:
+            node.meta["lossless"] = True
+
+
 def restore_ir_ops(gm: fx.GraphModule, node_meta: dict[str, dict[str, str]], label: str) -> None:
     """Turn emissions tagged ``qfx.ir_op`` back into the IR op they stand for (the tagged op's
     ``restore``), so that a model read back has the graph (and the lossless types) of the model written."""
@@ -254,4 +269,4 @@ def _restore_khot(fixed: FixedPointModel, entries: dict[str, dict[str, str]], la
         setattr(fixed.graph_module, node.target, new.to(old.frac.dtype))
 
 
-__all__ = ["read_annotated", "restore_ir_ops", "strip_casts"]
+__all__ = ["read_annotated", "restore_ir_ops", "restore_qfx_marks", "strip_casts"]

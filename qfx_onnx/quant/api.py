@@ -61,7 +61,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | fx.GraphModule,
     approximating it; the largest relative error is logged as a warning). Raises DataError for data holding NaN or
     infinities (naming the first bad sample) or not fitting the model's input.
     """
-    gm = model if isinstance(model, fx.GraphModule) else _load(model, approximate_scales)
+    gm = model if isinstance(model, fx.GraphModule) else load_onnx(model, approximate_scales=approximate_scales)
     if isinstance(data, (torch.Tensor, np.ndarray)):
         x = as_inputs(data, "calibration data")
     else:
@@ -78,23 +78,3 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | fx.GraphModule,
     return quantize_graph(gm, batches, policy, method, per_channel_weights=per_channel,
                           recalibrate_imported=recalibrate_imported)
 
-
-def _load(model: str | os.PathLike | onnx.ModelProto, approximate_scales: int | None) -> fx.GraphModule:
-    """The imported graph; what a qfx-onnx writer marked survives export-qonnx and is restored, so
-    that a QONNX model qfx-onnx wrote quantizes back to the model it came from: the IR ops it
-    emitted as several ONNX nodes (tagged ``qfx.ir_op``), and the lossless intermediates (annotated
-    ``qfx.role = lossless``, e.g. accumulators and BatchNorm's product), which get no cast."""
-    from qfx_onnx.importer.reader import read_model
-    from qfx_onnx.quant.annotated import KEY_ROLE, LOSSLESS, NODE_IR_OP, annotations
-    from qfx_onnx.quant.annotated_read import restore_ir_ops
-
-    proto, label = read_model(model)
-    gm = load_onnx(proto, approximate_scales=approximate_scales)
-    tags = {n.name: {p.key: p.value for p in n.metadata_props} for n in proto.graph.node}
-    if any(NODE_IR_OP in t for t in tags.values()):
-        restore_ir_ops(gm, tags, label)
-    lossless = {t for t, e in annotations(proto.graph, label).items() if e.get(KEY_ROLE) == LOSSLESS}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.meta.get("onnx_name") in lossless:
-            node.meta["lossless"] = True
-    return gm
