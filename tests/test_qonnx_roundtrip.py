@@ -137,6 +137,31 @@ def test_finetune_recalibrate_imported_lets_them_move(digits, tmp_path):
     assert not any(e.get(KEY_IMPORTED) == "1" for e in notes.values())
 
 
+def test_cli_finetune_keeps_imported_unless_recalibrate_imported(digits, tmp_path):
+    """The same through qfx-onnx finetune: no imported binary point moves without the flag; with
+    --recalibrate-imported they do, and the written file no longer marks them imported."""
+    import json
+
+    train, _ = digits
+    model = qfx_onnx.quantize(MODELS / "mlp.onnx", train, calib_samples=128, rounding="AP_RND_CONV")
+    qfx_onnx.write_annotated(model, tmp_path / "m.qfx.onnx")
+    qfx_onnx.export_qonnx(tmp_path / "m.qfx.onnx", tmp_path / "m.qonnx.onnx")
+    qfx_onnx.write_annotated(qfx_onnx.quantize(tmp_path / "m.qonnx.onnx", train, calib_samples=128), tmp_path / "i.qfx.onnx")
+    d = np.load(DATA)
+    np.savez(tmp_path / "d.npz", x=d["x"][:128], y=d["y"][:128])
+    moved = {}
+    for flags in ([], ["--recalibrate-imported"]):
+        out = tmp_path / f"f{len(flags)}.qfx.onnx"
+        result = runner.invoke(app, [str(a) for a in ["finetune", tmp_path / "i.qfx.onnx", "--data", tmp_path / "d.npz",
+                                                      "-o", out, "--epochs", 1, "--batch-size", 128, "--val-fraction", 0,
+                                                      "--frac-lr", 3, "--json", "-q", "--no-verify", *flags]])
+        assert result.exit_code == 0, result.output
+        moved[bool(flags)] = json.loads(result.stdout)["moved"]
+        marks = [e.get(KEY_IMPORTED) for e in annotations(onnx.load(out).graph, "f").values() if e.get("qfx.role") != "lossless"]
+        assert marks == (["1"] * len(marks) if not flags else [None] * len(marks)) and marks
+    assert moved == {False: 0, True: moved[True]} and moved[True] > 0
+
+
 # ------------------------------------------------------------------------------ CLI and csim
 
 
