@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qfx_onnx.fixed.types import FixedType, OverflowMode, QuantMode
 from qfx_onnx import qonnx_modes
+from qfx_onnx.fixed.types import FixedType, OverflowMode, QuantMode
 
 # modes whose result moves by exactly z when the input moves by an integer z (half to even only
 # for even z): only then is a zero point a shift of the range
