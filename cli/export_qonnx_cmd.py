@@ -9,9 +9,12 @@ import typer
 from onnx import helper
 from rich.table import Table
 
-from qfx_onnx.errors import OnnxModelError, OutputError
+from qfx_onnx.errors import OnnxModelError, OutputError, QfxError
 from qfx_onnx_cli.main import QfxCommand, app, run_command
-from qfx_onnx_cli.options import AnnotatedModel, Force, Json, Quiet, check_new_file
+from qfx_onnx_cli.options import AnnotatedModel, Force, Json, Quiet, _data, check_new_file
+
+NearestData = _data("With --nearest-modes: the inputs (test split when there is one) on which the change is measured.",
+                    "none")
 from qfx_onnx_cli.output import Output
 
 
@@ -32,6 +35,12 @@ def export_qonnx(
         None, "--hls4ml-config", metavar="FILE", show_default="none",
         help="Also write, as JSON {\"LayerName\": {...}}, the hls4ml layer entries that make hls4ml exact: merge them "
              "into config_from_onnx_model(..., granularity='name')['LayerName']."),
+    nearest_modes: bool = typer.Option(
+        False, "--nearest-modes",
+        help="Export a cast QONNX cannot express with the nearest expressible type (the one the error names) and "
+             "report how much that changes the outputs on --data (needed). The QONNX model is then not bit-exact "
+             "with MODEL where it reports a change; for exactness quantize with --rounding AP_RND_CONV instead."),
+    data: NearestData = None,
     force: Force = False,
     quiet: Quiet = False,
     json_output: Json = False,
@@ -42,18 +51,22 @@ def export_qonnx(
 
     A cast QONNX cannot express (AP_RND, AP_RND_MIN_INF, AP_WRAP, AP_SAT_ZERO, signed 1-bit) is an
     error naming the tensor and the nearest expressible type, unless it provably gives the same
-    values (a constant, or an input type with nothing to round or to clip).
+    values (a constant, or an input type with nothing to round or to clip). To export to QONNX,
+    quantize with modes QONNX has: qfx-onnx quantize ... --rounding AP_RND_CONV --overflow AP_SAT.
 
-    --json: output, quant_nodes (tensor, type, signed, narrow, rounding_mode), annotated tensors.
+    --json: output, quant_nodes (tensor, type, signed, narrow, rounding_mode), annotated tensors,
+    nearest_modes (with --nearest-modes: changed {tensor: [from, to]}, samples, values, differing,
+    differing_samples, max_lsb).
     """
     args = dict(locals())
     out = Output(json_mode=args.pop("json_output"), quiet=args.pop("quiet"))
     run_command(lambda: _export_qonnx(**args, out=out))
 
 
-def _export_qonnx(model: Path, output: Path | None, hls4ml_config: Path | None, force: bool, out: Output) -> None:
+def _export_qonnx(model: Path, output: Path | None, hls4ml_config: Path | None, nearest_modes: bool, data: str | None,
+                  force: bool, out: Output) -> None:
     from qfx_onnx.atomic import write_atomic
-    from qfx_onnx.qonnx_export import QONNX_DOMAIN, export_qonnx as export, hls4ml_layer_config
+    from qfx_onnx.qonnx_export import QONNX_DOMAIN, export_qonnx as export, export_qonnx_nearest, hls4ml_layer_config
 
     if not model.is_file():
         raise OnnxModelError(f"{model}: no such file")
@@ -63,8 +76,23 @@ def _export_qonnx(model: Path, output: Path | None, hls4ml_config: Path | None, 
         check_new_file(hls4ml_config, force)
         if hls4ml_config.resolve() in (output.resolve(), model.resolve()):
             raise OutputError(f"{hls4ml_config}: the hls4ml config needs a file of its own")
-    with out.status("writing the QONNX model"):
-        proto = export(model, output)
+    if nearest_modes != (data is not None):
+        raise QfxError("--nearest-modes needs --data to measure what it changes (and --data is only for --nearest-modes)")
+    nearest = None
+    if nearest_modes:
+        from qfx_onnx.data import load_arrays
+        from qfx_onnx.quant.api import evaluation_split
+
+        x, _ = load_arrays(data, evaluation_split(data), real_targets=True)
+        with out.status("writing the QONNX model, measuring the nearest modes"):
+            proto, nearest = export_qonnx_nearest(model, x.numpy(), output)
+        for tensor, (old, new) in nearest.changed.items():
+            out.warn(f"tensor {tensor!r}: {old} exported as {new}")
+        if nearest.changed:
+            out.warn(f"nearest modes on {len(nearest.changed)} cast(s), measured on {data}: {nearest.describe()}")
+    else:
+        with out.status("writing the QONNX model"):
+            proto = export(model, output)
     if hls4ml_config is not None:
         layers = hls4ml_layer_config(proto)
         write_atomic(hls4ml_config, json.dumps({"LayerName": layers}, indent=2) + "\n", what="hls4ml config")
@@ -85,5 +113,9 @@ def _export_qonnx(model: Path, output: Path | None, hls4ml_config: Path | None, 
         table.add_row(*(str(v) for v in row.values()))
     out.table(table)
     out.result({"output": str(output), "quant_nodes": rows, "annotated": len(notes),
-                "hls4ml_config": None if hls4ml_config is None else str(hls4ml_config)})
+                "hls4ml_config": None if hls4ml_config is None else str(hls4ml_config),
+                "nearest_modes": None if nearest is None else {
+                    "changed": {k: list(v) for k, v in nearest.changed.items()}, "samples": nearest.samples,
+                    "values": nearest.values, "differing": nearest.differing,
+                    "differing_samples": nearest.differing_samples, "max_lsb": nearest.max_lsb}})
     out.final(f"wrote {output} ({len(rows)} Quant nodes, {len(notes)} annotated tensors)")

@@ -11,29 +11,20 @@ still reads ``Quant``, the name hls4ml 1.3 and FINN read, so ``Quant`` is writte
 
 A cast to ``ap_fixed<W,I,Q,O>`` (F = W - I) is that Quant with ``scale = 2**-F`` (per tensor, or
 per channel shaped to broadcast along the channel axis), ``zero_point = 0``, ``bitwidth = W`` and
+``signed``, ``narrow`` and ``rounding_mode`` from the mode table, :mod:`qfx_onnx.qonnx_modes`
+(checked value by value, ties included, against qonnx's own executor).
 
-* ``signed``: 1 for ``ap_fixed``, 0 for ``ap_ufixed``;
-* ``narrow``: 1 for signed ``AP_SAT_SYM`` (codes ``-(2**(W-1)-1) .. 2**(W-1)-1``), else 0
-  (QONNX's unsigned narrow range drops the top code, which no ``ap_ufixed`` mode does);
-* ``rounding_mode`` from :data:`ROUNDING_MODES`.
-
-Clipping before rounding (QONNX) equals rounding before saturating (``ap_fixed``) because both
-bounds are integers and every rounding is monotone and leaves integers alone. Every mapping is
-checked value by value, ties included, against qonnx's own executor by
-``tests/test_qonnx_export.py``.
-
-What QONNX cannot express, and when it is refused
-    * ``AP_RND`` (ties toward +inf) and ``AP_RND_MIN_INF`` (ties toward -inf): no rounding_mode.
-      For an ``ap_ufixed`` that saturates, negative values clip to 0 whatever the tie rule, so
-      they equal ``HALF_UP`` and ``HALF_DOWN``.
-    * ``AP_WRAP`` (any N), signed ``AP_WRAP_SM`` and ``AP_SAT_ZERO``: a Quant always saturates.
-    * signed 1-bit types: qonnx reads a signed 1-bit Quant as bipolar +-1, not ``{-1, 0} * 2**-F``.
-
-    Such a cast is exported anyway when it provably gives the same values as an expressible one:
-    a constant whose values cast identically, or a tensor whose lossless input type (annotated
-    ``qfx.role = lossless``) has no bits below the LSB (no rounding) or fits the range (no
-    overflow). Otherwise :class:`~qfx_onnx.errors.ExportError` names every such tensor at once,
-    with the nearest expressible type.
+What QONNX cannot express (the table's "none" rows: signed ``AP_RND`` and ``AP_RND_MIN_INF``,
+``AP_WRAP``, ``AP_SAT_ZERO``, signed ``AP_WRAP_SM``, signed 1-bit types) is exported anyway when it
+provably gives the same values as an expressible type: a constant whose values cast identically, or
+a tensor whose lossless input type (annotated ``qfx.role = lossless``) has no bits below the LSB (no
+rounding) or fits the range (no overflow). Otherwise :class:`~qfx_onnx.errors.ExportError` names
+every such tensor at once, with the nearest expressible type and the quantize command that avoids
+it (:data:`REQUANTIZE`). :func:`export_qonnx_nearest` (``export-qonnx --nearest-modes --data``)
+exports those casts with their nearest expressible type instead and returns
+:class:`NearestModes`: how much that changes the model's outputs on the data given (the
+emulation with the original types against the one with the exported types). The QONNX model
+then computes the second; the change is reported, never silent.
 
 Tensors keep their names; ``graph.quantization_annotation`` keeps the ``qfx.*`` keys and gives every
 annotated tensor (cast outputs and lossless intermediates) a ``finn_datatype`` that holds all its
@@ -53,30 +44,41 @@ from onnx import TensorProto, helper, numpy_helper
 from qfx_onnx.atomic import write_atomic
 from qfx_onnx.errors import ExportError
 from qfx_onnx.fixed.reference import reference_cast
-from qfx_onnx.fixed.types import FixedType, OverflowMode as O, QuantMode as Q, union_type
+from qfx_onnx.fixed.types import FixedType, union_type
 from qfx_onnx.importer.reader import read_model, weight_free
 from qfx_onnx.quant.annotated import KEY_FINN, KEY_TYPE, LOSSLESS, KEY_ROLE, META_VERSION, CastCall, parse_types
 from qfx_onnx.quant.onnx_cast import DOMAIN, channel_scales
+from qfx_onnx.qonnx_modes import NEAREST, TO_QONNX, expressible_modes, quant_attributes, saturates
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
 QONNX_OPSET = 1
 META_QONNX = "qfx.qonnx_export"  # metadata: the format version of this export
 
-# ap_fixed quantization mode -> QONNX rounding_mode (qonnx intquant.resolve_rounding_mode):
-# FLOOR = np.floor, DOWN = np.fix, ROUND = np.round (half to even), HALF_UP = sign(y)*floor(|y|+0.5),
-# HALF_DOWN = sign(y)*ceil(|y|-0.5). QONNX's CEIL and UP (away from zero) have no ap_fixed mode.
-ROUNDING_MODES = {
-    Q.TRN: "FLOOR",
-    Q.TRN_ZERO: "DOWN",
-    Q.RND_CONV: "ROUND",
-    Q.RND_INF: "HALF_UP",
-    Q.RND_ZERO: "HALF_DOWN",
-}
-# the mode that differs least from one QONNX lacks (only at negative ties), for the error message
-_NEAREST_ROUNDING = {Q.RND: Q.RND_INF, Q.RND_MIN_INF: Q.RND_ZERO}
-_SATURATING = (O.SAT, O.SAT_SYM)
+ROUNDING_MODES = TO_QONNX  # ap_q_mode -> rounding_mode, from the one table (qfx_onnx.qonnx_modes)
+REQUANTIZE = "qfx-onnx quantize ... --rounding AP_RND_CONV --overflow AP_SAT"
 
 Types = FixedType | list[FixedType]
+
+
+@dataclass(frozen=True)
+class NearestModes:
+    """What :func:`export_qonnx_nearest` changed: per re-rounded tensor ``(from, to)`` type
+    texts, and on ``x`` (``samples`` inputs) how many of the ``values`` output values differ,
+    in how many samples, and the largest difference in units of the output's LSB (the output
+    cast's type; 0 when nothing differs)."""
+
+    changed: dict[str, tuple[str, str]]
+    samples: int
+    values: int
+    differing: int
+    differing_samples: int
+    max_lsb: float
+
+    def describe(self) -> str:
+        if not self.differing:
+            return f"outputs unchanged on all {self.samples} samples (not a proof for other inputs)"
+        return (f"{self.differing} of {self.values} output values differ, in {self.differing_samples} of "
+                f"{self.samples} samples, by at most {self.max_lsb:g} LSB")
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class QuantSpec:
     tensor: str
     types: Types
     axis: int | None
+    nearest_of: Types | None = None  # the original type(s) when re-rounded by nearest_modes
 
     @property
     def first(self) -> FixedType:
@@ -93,9 +96,7 @@ class QuantSpec:
 
     @property
     def attributes(self) -> dict[str, int | str]:
-        t = self.first
-        narrow = t.o is O.SAT_SYM and t.signed
-        return {"signed": int(t.signed), "narrow": int(narrow), "rounding_mode": ROUNDING_MODES[t.q]}
+        return quant_attributes(self.first)
 
 
 def export_qonnx(source: str | os.PathLike | onnx.ModelProto, path: str | os.PathLike | None = None) -> onnx.ModelProto:
@@ -105,18 +106,60 @@ def export_qonnx(source: str | os.PathLike | onnx.ModelProto, path: str | os.Pat
     Raises OnnxModelError for a model that is not a valid annotated model (as
     :func:`~qfx_onnx.quant.annotated.read_annotated` does), ExportError naming every tensor whose
     cast QONNX cannot express (see the module docstring) or when ``path`` is the input file.
+    :func:`export_qonnx_nearest` exports such casts with their nearest types instead, measured.
     """
+    return _export(source, path, None)[0]
+
+
+def export_qonnx_nearest(source: str | os.PathLike | onnx.ModelProto, x: np.ndarray,
+                         path: str | os.PathLike | None = None) -> tuple[onnx.ModelProto, NearestModes]:
+    """As :func:`export_qonnx`, but a cast QONNX cannot express is exported with its nearest
+    expressible type (the one the refusal names), and the returned :class:`NearestModes` measures
+    on ``x`` (float32 inputs, samples along axis 0) how far the exported model's outputs are from
+    the annotated model's: the emulation with each set of types, which qonnx's executor equals by
+    the mode table."""
+    return _export(source, path, x)
+
+
+def _export(source, path, nearest_x) -> tuple[onnx.ModelProto, NearestModes | None]:
     model, label = read_model(source)
     from qfx_onnx.quant.annotated_read import checked_casts  # imports torch: only when exporting
 
     casts, notes, types, axes = checked_casts(model, label)
-    specs = _quant_specs(model, casts, notes, types, axes, label)
+    specs = _quant_specs(model, casts, notes, types, axes, label, nearest=nearest_x is not None)
+    report = _measure_nearest(model, specs, nearest_x) if nearest_x is not None else None
     proto = build_qonnx(model, casts, notes, specs)
     if path is not None:
         if not isinstance(source, onnx.ModelProto) and _same_file(path, source):
             raise ExportError(f"{Path(path).name}: refusing to overwrite the model's own input file")
         write_atomic(path, proto.SerializeToString(), what="QONNX model", error=ExportError)
-    return proto
+    return proto, report
+
+
+def _measure_nearest(model: onnx.ModelProto, specs: list[QuantSpec], x: np.ndarray) -> NearestModes:
+    """Both emulations on ``x``: the annotated types, and the exported ones."""
+    from qfx_onnx.quant.annotated_read import read_annotated
+    from qfx_onnx.quant.quantize import quantizer_for
+
+    changed = {s.tensor: s for s in specs if s.nearest_of is not None}
+    fixed = read_annotated(model)
+    want = np.asarray(fixed.predict(x))
+    if changed:
+        gm = fixed.graph_module
+        for node in gm.graph.nodes:
+            spec = changed.get(node.meta.get("onnx_name")) if node.op == "call_module" else None
+            if spec is not None:
+                old = gm.get_submodule(node.target)
+                setattr(gm, node.target, quantizer_for(spec.types, old.per_channel_axis).to(old.frac.dtype))
+        got = np.asarray(fixed.predict(x))
+    else:
+        got = want
+    out_types = [t for name, t in fixed.fixed_types().items() if name in {o.name for o in model.graph.output}]
+    lsb = min((u.lsb for t in out_types for u in (t if isinstance(t, list) else [t])), default=1.0)
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    return NearestModes({k: (_text(s.nearest_of), _text(s.types)) for k, s in changed.items()}, len(x), int(diff.size),
+                        int(np.count_nonzero(diff)), int(np.count_nonzero(diff.reshape(len(x), -1).any(axis=1))),
+                        float(diff.max() / lsb) if diff.size else 0.0)
 
 
 def finn_datatype(t: FixedType) -> str:
@@ -162,8 +205,9 @@ def hls4ml_layer_config(qonnx_model: onnx.ModelProto) -> dict[str, dict]:
 
 
 def _quant_specs(model: onnx.ModelProto, casts: list[CastCall], notes: dict[str, dict[str, str]],
-                 types: dict[str, Types], axes: dict[str, int | None], label: str) -> list[QuantSpec]:
-    """One QuantSpec per cast, in node order; ExportError listing every cast QONNX cannot express."""
+                 types: dict[str, Types], axes: dict[str, int | None], label: str, nearest: bool = False) -> list[QuantSpec]:
+    """One QuantSpec per cast, in node order; ExportError listing every cast QONNX cannot express
+    (with ``nearest``: those get their nearest expressible type)."""
     initializers = {t.name: t for t in model.graph.initializer}
     specs, refused = [], []
     for cast in casts:
@@ -175,14 +219,17 @@ def _quant_specs(model: onnx.ModelProto, casts: list[CastCall], notes: dict[str,
         else:
             domain = None  # a graph input: any float32
         exported = _expressible(t, axis, domain)
-        if isinstance(exported, str):
+        if isinstance(exported, str) and nearest:
+            specs.append(QuantSpec(cast.tensor, _nearest(t), axis, nearest_of=t))
+        elif isinstance(exported, str):
             refused.append(f"tensor {cast.tensor!r} {_text(t)}: {exported}")
         else:
             specs.append(QuantSpec(cast.tensor, exported, axis))
     if refused:
         more = f" (and {len(refused) - 8} more)" if len(refused) > 8 else ""
         raise ExportError(f"{label}: QONNX Quant cannot express {len(refused)} cast(s): " + "; ".join(refused[:8]) + more
-                          + "; requantize with modes QONNX has (e.g. --rounding AP_RND_CONV --overflow AP_SAT)")
+                          + f"; to export to QONNX, quantize with modes QONNX has: {REQUANTIZE} "
+                          "(or export-qonnx --nearest-modes --data FILE: the nearest types, their change measured on the data)")
     return specs
 
 
@@ -195,26 +242,28 @@ def _expressible(t: Types, axis: int | None, domain) -> Types | str:
     if first.signed and first.width == 1:
         return (f"qonnx reads a signed 1-bit Quant as bipolar +-1; nearest expressible: "
                 f"{first.with_width(2, first.integer + 1)} (the same LSB, one more bit)")
-    # ap_ufixed AP_WRAP_SM saturates (ap_fixed_base.h)
-    saturates = first.o in _SATURATING or (first.o is O.WRAP_SM and not first.signed)
-    o = first.o if first.o in _SATURATING else O.SAT
-    q, rounding_changed = first.q, False
-    if q not in ROUNDING_MODES:
-        if first.signed:
-            q, rounding_changed = Q.RND_CONV, True  # right only when nothing rounds
-        else:
-            q = _NEAREST_ROUNDING[q]  # negative values clip to 0 before a tie rule matters
+    q, o, rounding_changed = expressible_modes(first)
     candidate = [c.with_modes(q=q, o=o, n=0) for c in channels]
-    if _same_values(channels, candidate, axis, domain, rounding_changed, not saturates):
+    if _same_values(channels, candidate, axis, domain, rounding_changed, not saturates(first)):
         return candidate if isinstance(t, list) else candidate[0]
     why = []
     if rounding_changed:
-        why.append(f"no rounding_mode rounds like {first.q.value} (QONNX has {', '.join(ROUNDING_MODES.values())})")
-    if not saturates:
+        why.append(f"no rounding_mode rounds like {first.q.value} (QONNX has {', '.join(TO_QONNX.values())})")
+    if not saturates(first):
         why.append(f"a Quant saturates, {first.o.value}{f' with N={first.n}' if first.n else ''} does not")
-    nearest = first.with_modes(q=_NEAREST_ROUNDING.get(first.q, first.q), o=o, n=0)
+    nearest = _nearest(first)
     where = "any float input" if domain is None else "its values" if isinstance(domain, np.ndarray) else "its input type"
     return f"{' and '.join(why)}, which matters on {where}; nearest expressible: {nearest}"
+
+
+def _nearest(t: Types) -> Types:
+    """The nearest expressible type(s) a refusal names (signed 1 bit: 2 bits, the same LSB)."""
+    if isinstance(t, list):
+        return [_nearest(u) for u in t]
+    if t.signed and t.width == 1:
+        return t.with_width(2, t.integer + 1)
+    _, o, _ = expressible_modes(t)
+    return t.with_modes(q=NEAREST.get(t.q, t.q), o=o, n=0)
 
 
 def _same_values(types: list[FixedType], candidate: list[FixedType], axis: int | None, domain,
@@ -358,5 +407,6 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
-__all__ = ["QONNX_DOMAIN", "ROUNDING_MODES", "QuantSpec", "build_qonnx", "export_qonnx", "finn_datatype",
+__all__ = ["QONNX_DOMAIN", "REQUANTIZE", "ROUNDING_MODES", "NearestModes", "QuantSpec", "build_qonnx", "export_qonnx",
+           "export_qonnx_nearest", "finn_datatype",
            "hls4ml_layer_config"]

@@ -32,7 +32,8 @@ from qfx_onnx.fixed.reference import reference_cast  # noqa: E402
 from qfx_onnx.fixed.types import FixedType, OverflowMode as O, QuantMode as Q  # noqa: E402
 from qfx_onnx.quant.annotated import annotations, type_entries  # noqa: E402
 from qfx_onnx.quant.onnx_cast import DOMAIN, IR_VERSION, OPSET, cast_function, function_name  # noqa: E402
-from qfx_onnx.qonnx_export import QONNX_DOMAIN, ROUNDING_MODES, export_qonnx, finn_datatype  # noqa: E402
+from qfx_onnx.qonnx_export import QONNX_DOMAIN, export_qonnx, finn_datatype  # noqa: E402
+from qfx_onnx.qonnx_modes import TO_QONNX as ROUNDING_MODES  # noqa: E402
 from qfx_onnx_cli.main import app  # noqa: E402
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
