@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from qfx_onnx.fixed import FixedType, OverflowMode, QuantMode, cast
-from qfx_onnx.fixed.cast import _needs_int_path
+from qfx_onnx.fixed.kernels import needs_int_path as _needs_int_path
 from qfx_onnx.fixed.fused import _float_cast, fused_cast
 
 

@@ -325,7 +325,7 @@ def test_cuda_matches_cpu():
 
 
 # ------------------------------------------------------------------------------ fast training path
-FAST_Q = [QuantMode.RND, QuantMode.RND_MIN_INF, QuantMode.TRN, QuantMode.TRN_ZERO, QuantMode.RND_CONV]
+FAST_Q = list(QuantMode)  # every rounding mode takes the fast path under saturation
 FAST_TYPES = [(True, OverflowMode.SAT), (True, OverflowMode.SAT_SYM), (False, OverflowMode.SAT),
               (False, OverflowMode.WRAP_SM)]  # unsigned AP_WRAP_SM saturates
 
@@ -375,10 +375,11 @@ def test_fast_path_declines_where_cast_changes_dtype_or_underflows():
         quant = FixedQuantizer(width, True, "AP_RND", "AP_SAT", frac=float(f))
         assert torch.equal(quant(x), cast(x, FixedType(width, width - f, True, "AP_RND", "AP_SAT")))
         assert quant._plan_cache.fast is None
-    for q, o in ((QuantMode.RND_ZERO, OverflowMode.SAT), (QuantMode.RND, OverflowMode.WRAP)):
+    for q, o, fast in ((QuantMode.RND_ZERO, OverflowMode.SAT, True), (QuantMode.RND, OverflowMode.WRAP, False),
+                       (QuantMode.RND, OverflowMode.SAT_ZERO, False)):
         quant = FixedQuantizer(8, True, q, o, frac=3.0)
         quant(x)
-        assert quant._plan_cache.fast is None
+        assert (quant._plan_cache.fast is not None) == fast
 
 
 def _grads(quant: FixedQuantizer, x: torch.Tensor, weight: torch.Tensor):
