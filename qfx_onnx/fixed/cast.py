@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qfx_onnx.fixed.kernels import float_cast, float_codes, float_spec, needs_int_path, round_, scaled, work_dtype
+from qfx_onnx.fixed.kernels import GRID, float_cast, float_codes, float_spec, needs_int_path, round_, scaled, work_dtype
 from qfx_onnx.fixed.types import FixedType, OverflowMode as O
 
 
@@ -33,8 +33,7 @@ def _nan_as_inf(x: torch.Tensor) -> torch.Tensor:
 def _int_path_round(x: torch.Tensor, t: FixedType) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, floor): float64 ``x * 2**F`` rounded by ``t.q`` (kernels.py's rounding), and its floor."""
     y = _nan_as_inf(x)
-    s = float_spec(t)
-    qv = round_(scaled(y, 2.0**t.frac * s.grid, torch.float64, t.frac < 0), t.q)
+    qv = round_(scaled(y, 2.0**t.frac * GRID.get(t.q, 2), torch.float64, t.frac < 0), t.q)
     fl = scaled(y, 2.0**t.frac, torch.float64, t.frac < 0).floor_() if t.o is O.WRAP_SM else qv
     return qv, fl
 

@@ -34,10 +34,13 @@ def _float_cast(x: torch.Tensor, t: FixedType) -> torch.Tensor:
 @functools.lru_cache(maxsize=256)
 def _compiled(t: FixedType, dtype: torch.dtype, device_type: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The compiled kernel for one (type, dtype, device); ``dtype``/``device_type`` only key the cache."""
-    body = cast if needs_int_path(t) else _float_cast
+    if needs_int_path(t):
+        body, args = cast, (t,)
+    else:  # the constants, looked up here: dynamo would trace through float_spec's lru_cache
+        body, args = float_cast, (float_spec(t), t.frac, work_dtype(dtype, t))
 
     def kernel(x: torch.Tensor) -> torch.Tensor:
-        return body(x, t)
+        return body(x, *args)
 
     # Dynamo keeps compiled variants on the code object (recompile limit 8) and its automatic-dynamic
     # memory under the code's file, line and name; every closure made from this ``def`` would share
