@@ -146,9 +146,13 @@ class _FastSTE(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             axis = ctx.consts.axis
             dims = None if axis is None else [i for i in range(x.dim()) if i != axis]
-            # d xq / d log2(s), over ln2: xq - x inside the range (rounded once), xq outside it.
-            d = torch.addcmul(xq, x, inside, value=-1.0)
-            total = torch.dot(grad.reshape(-1), d.reshape(-1)) if axis is None else d.mul_(grad).sum(dim=dims)
+            # d xq / d log2(s), over ln2: xq - x inside the range, xq outside it, so the sum of
+            # grad * d is <grad, xq> - <grad_x, x>: two reductions, no new tensor the size of x.
+            g_in = grad_x if grad_x is not None else grad * inside
+            if axis is None:
+                total = torch.dot(grad.reshape(-1), xq.reshape(-1)) - torch.dot(g_in.reshape(-1), x.reshape(-1))
+            else:
+                total = torch.addcmul(grad * xq, g_in, x, value=-1.0).sum(dim=dims)
             if not (lazy_nan() and total.device.type == "cpu" and bool(torch.isfinite(total).all())):
                 # x * 0.0 is NaN where x is not finite, and the formula wants 0 there
                 d = torch.where(inside != 0, xq - x, xq).mul_(grad)
@@ -255,9 +259,11 @@ class BinaryPointQuantizer(nn.Module):
         if not self.enabled:
             return x
         axis = self._axis(x)
-        plan = self._plan(x, axis)
         per_channel = max(x.numel() // self.num_channels, 1)
         grad_scale = 1.0 / math.sqrt(per_channel * max(self._code_bounds()[1], 1))
+        if torch.compiler.is_compiling() and self._traced_ok(x):
+            return self._traced_forward(x, axis, grad_scale)
+        plan = self._plan(x, axis)
         if plan.fast is not None and self.fast_path:
             frac = self.frac
             if torch.is_grad_enabled() and (x.requires_grad or frac.requires_grad):
@@ -266,6 +272,24 @@ class BinaryPointQuantizer(nn.Module):
         fracs = plan.fracs
         return _BinaryPointSTE.apply(x, self.frac, lambda v: self._quantize_with(v, fracs, axis), plan.lo,
                                      plan.hi, axis, self._saturating, grad_scale)
+
+    def _traced_ok(self, x: torch.Tensor) -> bool:
+        return False
+
+    def _traced_forward(self, x: torch.Tensor, axis: int | None, grad_scale: float) -> torch.Tensor:
+        """The fast path with the binary points as tensors (``torch.compile``: no read-back of
+        ``frac``, no recompile when a binary point moves); the same kernels and gradients."""
+        spec = self._spec
+        f = torch.round(self.frac.detach().clamp(-MAX_ABS_FRAC, MAX_ABS_FRAC)).to(x.dtype)  # half to even
+        if axis is not None:
+            shape = [1] * x.dim()
+            shape[axis] = self.num_channels
+            f = f.reshape(shape)
+        inv = torch.exp2(-f)
+        consts = _FastConsts(axis, spec, torch.exp2(f) * spec.grid, inv, inv * spec.lo, inv * spec.hi, True)
+        if torch.is_grad_enabled() and (x.requires_grad or self.frac.requires_grad):
+            return _FastSTE.apply(x, self.frac, consts, grad_scale)
+        return _fast_cast(x, consts, want_inside=False)[0]
 
     def _plan(self, x: torch.Tensor, axis: int | None) -> _Plan:
         """The cached plan, rebuilt when ``frac`` changed (reading its integers back) or x's dtype,
@@ -494,6 +518,11 @@ class FixedQuantizer(BinaryPointQuantizer):
 
     def _fit_round(self, y: torch.Tensor) -> torch.Tensor:
         return round_(y * float(kernels.GRID.get(self.q, 2)), self.q)
+
+    def _traced_ok(self, x: torch.Tensor) -> bool:
+        # float32 work needs 2**(F+1) finite and W <= 24 (binary points are assumed in [0, 126]
+        # there: a float32 model whose binary point left that range is not compiled exactly)
+        return self._fast_ok and (x.dtype == torch.float64 or (x.dtype == torch.float32 and self.width <= 24))
 
     def _fast_consts(self, fracs, x, axis):
         if not self._fast_ok or x.dtype not in (torch.float32, torch.float64):
