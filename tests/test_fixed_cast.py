@@ -180,3 +180,22 @@ def test_property_float32_work_dtype_matches_reference(t, patterns, seed):
     got = cast(torch.from_numpy(x), t)
     assert got.dtype == torch.float32
     np.testing.assert_array_equal(got.numpy(), reference_cast(x.astype(np.float64), t).astype(np.float32), err_msg=str(t))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_reference_on_every_float_class():
+    # On CUDA the kernels resolve NaN without a read-back (torch.where); every mode, NaN of both
+    # signs, float32 bit patterns and the floats beside ties, against the numpy reference.
+    rng = np.random.default_rng(5)
+    for q, o in MODES:
+        for w, i, s, n in [(8, 3, True, 0), (8, 3, False, 2), (30, 10, True, 1), (24, 24, False, 0), (64, 30, True, 0)]:
+            t = FixedType(w, i, s, q, o, n)
+            ties = (rng.integers(-(2**min(w, 50)), 2**min(w, 50), 256) + 0.5) * t.lsb
+            x64 = np.concatenate([[np.nan, -np.nan], ties, np.nextafter(ties, 0), edge_values(t, rng, 100)])
+            with np.errstate(invalid="ignore"):
+                np.testing.assert_array_equal(cast(torch.from_numpy(x64).cuda(), t).cpu().numpy(),
+                                              reference_cast(x64, t), err_msg=str(t))
+            x32 = np.concatenate([_float32_patterns(rng, 2048), x64.astype(np.float32)])
+            want = cast(torch.from_numpy(x32), t)
+            got = cast(torch.from_numpy(x32).cuda(), t).cpu()
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), str(t)

@@ -95,3 +95,14 @@ def test_invalid_arguments_raise_like_cast():
         fused_cast(torch.arange(4), "ap_fixed<8,3>")
     with pytest.raises(ValueError):
         fused_cast(torch.zeros(4), "ap_fixed<65,3>")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_cast_on_cuda_matches_cpu_cast():
+    # triton kernels from the same code: a float-path type per overflow branch and an int-path type
+    for text in ("ap_fixed<8,3,AP_RND,AP_SAT>", "ap_ufixed<6,2,AP_RND_ZERO,AP_SAT_ZERO>",
+                 "ap_fixed<8,3,AP_TRN,AP_WRAP>", "ap_fixed<8,3,AP_RND_CONV,AP_WRAP_SM,2>"):
+        t = FixedType.parse(text)
+        for dtype in (torch.float32, torch.float64):
+            x = edge_values(t, dtype)
+            assert_same_bits(fused_cast(x.cuda(), t).cpu(), cast(x, t))

@@ -464,3 +464,24 @@ def test_forward_without_autograd_skips_the_bookkeeping():
         y = quant(x)
     assert y.grad_fn is None and not y.requires_grad
     assert torch.equal(y, cast(x.detach(), FixedType.parse("ap_fixed<8,4,AP_RND,AP_SAT>")))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_every_mode_forward_and_gradients_match_cpu():
+    # the fast path (NaN resolved by torch.where on CUDA) and the general path, per channel
+    x = torch.cat([torch.randn(6, 3, 5) * 8, torch.full((1, 3, 5), float("nan")), torch.full((1, 3, 5), -float("inf"))])
+    for q in QuantMode:
+        for o in (OverflowMode.SAT, OverflowMode.SAT_SYM, OverflowMode.SAT_ZERO, OverflowMode.WRAP):
+            quant = FixedQuantizer(8, True, q, o, frac=[2.0, 0.0, 5.0], per_channel_axis=1, num_channels=3)
+            xc = x.clone().requires_grad_(True)
+            want = quant(xc)
+            want.nan_to_num().sum().backward()
+            want_grads = (xc.grad.clone(), quant.frac.grad.clone())
+            quant.frac.grad = None
+            quant.cuda()
+            xg = x.cuda().requires_grad_(True)
+            got = quant(xg)
+            got.nan_to_num().sum().backward()
+            assert torch.equal(got.detach().cpu(), want.detach()), (q, o)
+            assert torch.equal(xg.grad.cpu(), want_grads[0]), (q, o)
+            assert torch.allclose(quant.frac.grad.cpu(), want_grads[1], rtol=1e-5, atol=1e-5, equal_nan=True), (q, o)
