@@ -1,9 +1,10 @@
 """``cast(x, T)``: what ``ap_fixed`` returns when a double of the same value is assigned to it, on torch.
 
-The float path (W <= 53, no bit-level overflow mode) is :mod:`qfx_onnx.fixed.kernels`, the one
-definition of each mode's rounding and overflow arithmetic, called here with Python scalars.
-Bit-level overflow modes (``AP_WRAP`` with N saturation bits, signed ``AP_WRAP_SM``), ``ap_int``
-and widths above 53 bits take the int64 path below, on codes rounded by the same kernels.
+Every ``ap_fixed`` of W <= 53 takes the float path, :mod:`qfx_onnx.fixed.kernels`: the one
+definition of each mode's rounding and overflow arithmetic (the bit-level modes, ``AP_WRAP`` with
+N saturation bits and ``AP_WRAP_SM``, as arithmetic on the W-bit code), called here with Python
+scalars. ``ap_int`` and widths above 53 bits take the int64 path below, on codes rounded by the
+same kernels.
 float32 tensors are computed in float32 when every intermediate is exact there (W <= 24 and
 0 <= F <= 126) and in float64 otherwise; the result has the input's dtype, so a float32 result is
 exact only for types with at most 24 significant bits. Tested against

@@ -5,8 +5,9 @@ Every torch cast in the project comes from these functions: eager :func:`~qfx_on
 ``torch.compile``) and the trainable :class:`~qfx_onnx.fixed.quantizer.FixedQuantizer` (per-channel
 scale tensors; also traced by ``finetune --compile``). The numpy oracle
 (:mod:`qfx_onnx.fixed.reference`) and the ONNX form (:mod:`qfx_onnx.quant.onnx_cast`) are separate
-and tested against each other. Bit-level overflow modes (``AP_WRAP`` with N > 0, signed
-``AP_WRAP_SM``), ``ap_int`` and W > 53 stay on cast.py's int64 path.
+and tested against each other. The bit-level overflow modes (``AP_WRAP`` with N > 0, signed
+``AP_WRAP_SM``) are arithmetic on the W-bit code here too; ``ap_int`` and W > 53 stay on cast.py's
+int64 path (rounded by :func:`round_`).
 
 Exactness (``y = x * 2**F`` is exact in the work dtype, or an infinity). Each rounding mode is
 spelled with ``floor``/``ceil``/``trunc``/``round``, halving and sign copies only, all exact for
@@ -50,8 +51,14 @@ class FloatSpec:
     signed: bool
     lo: float  # clamp range of the codes
     hi: float
-    int_min: float  # the type's full code range (overflow test of AP_SAT_ZERO)
+    int_min: float  # the type's full code range (overflow test of AP_SAT_ZERO and the bit-level modes)
     int_max: float
+    n: int = 0  # saturation bits of AP_WRAP / AP_WRAP_SM
+
+    @property
+    def bit_level(self) -> bool:
+        """``AP_WRAP`` with N > 0 or signed ``AP_WRAP_SM``: the header's bit manipulations."""
+        return (self.o is O.WRAP and self.n > 0) or self.o is O.WRAP_SM
 
     @property
     def grid(self) -> int:
@@ -67,12 +74,12 @@ def float_spec(t: FixedType) -> FloatSpec:
     """The :class:`FloatSpec` of ``t`` (any binary point; only W, sign and modes matter)."""
     o = t.o if t.signed or t.o is not O.WRAP_SM else O.SAT
     lo = t.sat_min_code if o is O.SAT_SYM else t.int_min
-    return FloatSpec(t.q, o, t.width, t.signed, float(lo), float(t.int_max), float(t.int_min), float(t.int_max))
+    return FloatSpec(t.q, o, t.width, t.signed, float(lo), float(t.int_max), float(t.int_min), float(t.int_max), t.n)
 
 
 def needs_int_path(t: FixedType) -> bool:
-    """True for the types cast.py computes on int64 words (bit-level overflow, ap_int, W > 53)."""
-    return t.is_int or t.width > 53 or (t.o is O.WRAP and t.n > 0) or (t.o is O.WRAP_SM and t.signed)
+    """True for the types cast.py computes on int64 words (ap_int, W > 53)."""
+    return t.is_int or t.width > 53
 
 
 def work_dtype(dtype: torch.dtype, t: FixedType) -> torch.dtype:
@@ -115,7 +122,12 @@ def round_(y: torch.Tensor, q: Q) -> torch.Tensor:
     return torch.copysign(a, y, out=y)
 
 
-def overflow_(c: torch.Tensor, s: FloatSpec) -> torch.Tensor:
+def needs_floor(s: FloatSpec) -> bool:
+    """Whether :func:`overflow_` needs ``floor(x * 2**F)`` besides the rounded codes."""
+    return s.o is O.WRAP_SM and s.n == 0 and s.q is not Q.TRN
+
+
+def overflow_(c: torch.Tensor, s: FloatSpec, fl: torch.Tensor | None = None) -> torch.Tensor:
     """Resolve overflow on integer codes ``c`` (float, in place where possible) for the float-path
     modes. Infinities saturate (``AP_SAT*``) or give 0 (``AP_SAT_ZERO``: overflow; ``AP_WRAP``:
     no bits below 2**W), NaN stays NaN for :func:`fix_nan_`."""
@@ -123,9 +135,48 @@ def overflow_(c: torch.Tensor, s: FloatSpec) -> torch.Tensor:
         return c.clamp_(s.lo, s.hi)
     if s.o is O.SAT_ZERO:
         return c.masked_fill_(c != c.clamp(s.int_min, s.int_max), 0.0)  # NaN != NaN: 0 as well
+    if s.bit_level:
+        return _bit_level(c, s, fl)
     k = torch.mul(c, 2.0 ** (1 - s.width) if s.signed else 2.0**-s.width)
     k = k.floor_().mul_(0.5).ceil_() if s.signed else k.floor_()  # RND / floor of c * 2**-W
     return c.add_(k, alpha=-(2.0**s.width))  # inf - inf is NaN: fix_nan_ gives it 0
+
+
+def _wrap(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """``v mod 2**bits`` in ``[0, 2**bits)`` for integer-valued finite ``v`` (exact: see the module doc)."""
+    return v - torch.floor(v * 2.0**-bits) * 2.0**bits
+
+
+def _finite(v: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(v), v, 0.0)
+
+
+def _bit_level(c: torch.Tensor, s: FloatSpec, fl: torch.Tensor | None) -> torch.Tensor:
+    """``AP_WRAP`` with N > 0 and signed ``AP_WRAP_SM`` as arithmetic on the W-bit code (the
+    header's bit manipulations, as in quant/onnx_cast.py): every intermediate is an integer of at
+    most W + 1 bits. NaN is read as an infinity of its sign; an infinity has no bits below 2**W.
+    ``AP_WRAP_SM`` with N = 0 needs bit W of ``floor(x * 2**F)``, which is bit W of ``c``'s floor
+    for ``AP_TRN``; the other modes pass that floor as ``fl`` (:func:`needs_floor`)."""
+    w, n = s.width, s.n
+    c = torch.where(torch.isnan(c), torch.copysign(torch.full_like(c, float("inf")), c), c)
+    out = (c < s.int_min) | (c > s.int_max)
+    neg = c < 0
+    c = torch.where(torch.isinf(c), 0.0, c)
+    wrapped = _wrap(c, w)
+    if s.signed:
+        wrapped = torch.where(wrapped > s.int_max, wrapped - 2.0**w, wrapped)
+    if s.o is O.WRAP and not s.signed:  # the top N bits set
+        adjusted = _wrap(c, w - n) + (2.0**w - 2.0 ** (w - n))
+    elif s.o is O.WRAP_SM and n <= 1:
+        ld = (_wrap(torch.floor(_finite(c if fl is None else fl) * 2.0**-w), 1) == 1) if n == 0 else neg
+        adjusted = torch.where(ld ^ (wrapped < 0), -wrapped - 1.0, wrapped)  # all bits flipped: -v - 1
+    else:  # signed AP_WRAP, N >= 1, or AP_WRAP_SM, N >= 2: MSB := sign, bits W-N..W-2 := !sign
+        low = _wrap(c, w - n)
+        if s.o is O.WRAP_SM:  # and the low W-N bits inverted when bit W-N equals the sign
+            bit = _wrap(torch.floor(c * 2.0 ** -(w - n)), 1) == 1
+            low = torch.where(bit == neg, (2.0 ** (w - n) - 1.0) - low, low)
+        adjusted = low + torch.where(neg, -(2.0 ** (w - 1)), 2.0 ** (w - 1) - 2.0 ** (w - n))
+    return torch.where(out, adjusted, wrapped)
 
 
 def fix_nan_(out: torch.Tensor, x: torch.Tensor, s: FloatSpec, low, high) -> torch.Tensor:
@@ -145,7 +196,8 @@ def fix_nan_(out: torch.Tensor, x: torch.Tensor, s: FloatSpec, low, high) -> tor
 
 def float_codes(x: torch.Tensor, s: FloatSpec, frac: int, dtype: torch.dtype) -> torch.Tensor:
     """The codes of ``T(x)`` (integer-valued floats in ``dtype``) for one binary point ``frac``."""
-    c = overflow_(round_(scaled(x, 2.0**frac * s.grid, dtype, frac < 0), s.q), s)
+    fl = scaled(x, 2.0**frac, dtype, frac < 0).floor_() if needs_floor(s) else None
+    c = overflow_(round_(scaled(x, 2.0**frac * s.grid, dtype, frac < 0), s.q), s, fl)
     return fix_nan_(c, x, s, s.lo, s.hi)
 
 

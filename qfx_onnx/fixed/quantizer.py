@@ -560,7 +560,11 @@ class FixedQuantizer(BinaryPointQuantizer):
             parts = [cast(x.select(axis, c), self._type(f)) for c, f in enumerate(fracs)]
             return torch.stack(parts, dim=axis), state
         inv = self._per_channel([math.ldexp(1.0, -f) for f in fracs], x, axis, y.dtype)
-        out = fix_nan_(to_values_(overflow_(qv, s), inv), y, s, 0.0, 0.0)  # only AP_WRAP's inf - inf is NaN
+        fl = None
+        if kernels.needs_floor(s):
+            fl = scaled(y, self._per_channel([math.ldexp(1.0, f) for f in fracs], x, axis, y.dtype), y.dtype,
+                        min(fracs) < 0).floor_()
+        out = fix_nan_(to_values_(overflow_(qv, s, fl), inv), y, s, 0.0, 0.0)  # only AP_WRAP's inf - inf is NaN
         return out.to(x.dtype), state
 
 
