@@ -305,8 +305,8 @@ def test_model_is_a_plain_module_for_your_own_loop(mlp_file, digits, tmp_path):
 def test_compiled_training_step_matches_eager(digits):
     # finetune --compile: torch.compile of the training model (one small model: compiling takes
     # seconds). The forward values are the same kernels, so every step's loss and the learned
-    # weights agree with eager training up to the float rounding of fused sums; one binary point
-    # starts next to a rounding boundary so that the compiled step sees its type change.
+    # weights agree with eager training up to the float rounding of fused sums; binary points
+    # move (a high binary-point rate), so the compiled step sees types change.
     train = subset(digits[0], 192)
     model = quantize_graph(load_onnx(MODELS / "mlp.onnx"), [train.x[:128]])
     cfg = dict(epochs=2, batch_size=32, val_fraction=0.0, frac_lr=0.3)

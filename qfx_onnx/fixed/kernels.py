@@ -185,13 +185,14 @@ def fix_nan_(out: torch.Tensor, x: torch.Tensor, s: FloatSpec, low, high) -> tor
     saturation, 0 otherwise. ``low``/``high`` broadcast like the scale."""
     if lazy_nan() and out.device.type == "cpu" and not torch.isnan(out.sum()):
         return out
+    # spelled for inductor's CPU code, which vectorizes compares and copysign but not isnan/signbit
     if s.o is O.SAT or s.o is O.SAT_SYM:
         low, high = (v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=out.dtype, device=out.device)
                      for v in (low, high))  # a Python float would become float32 here
-        fill = torch.where(torch.signbit(x), low, high).to(out.dtype)
+        fill = torch.where(torch.copysign(torch.ones_like(out), x) < 0, low, high).to(out.dtype)
     else:
         fill = torch.zeros((), dtype=out.dtype, device=out.device)
-    return torch.where(torch.isnan(out), fill, out)
+    return torch.where(out != out, fill, out)
 
 
 def float_codes(x: torch.Tensor, s: FloatSpec, frac: int, dtype: torch.dtype) -> torch.Tensor:

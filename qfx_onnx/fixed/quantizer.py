@@ -127,6 +127,14 @@ def _fast_cast(x: torch.Tensor, c: _FastConsts, want_inside: bool) -> tuple[torc
     return fix_nan_(to_values_(codes, c.inv), x, s, c.low, c.high), inside
 
 
+def _pow2(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``2**e`` for integer-valued ``e`` in the normal range of ``dtype``, built from its exponent bits:
+    inductor inlines this scalar into every vector iteration of a fused loop, where ``exp2`` costs
+    more than the cast itself."""
+    bits, bias, int_dtype = (23, 127, torch.int32) if dtype == torch.float32 else (52, 1023, torch.int64)
+    return ((e.to(int_dtype) + bias) << bits).view(dtype)
+
+
 class _FastSTE(torch.autograd.Function):
     """``_BinaryPointSTE`` for a saturating type on the fast path: the same gradients, from a float
     mask. Outside the range ``xq`` is the saturated value, which is the LSQ term there."""
@@ -280,13 +288,14 @@ class BinaryPointQuantizer(nn.Module):
         """The fast path with the binary points as tensors (``torch.compile``: no read-back of
         ``frac``, no recompile when a binary point moves); the same kernels and gradients."""
         spec = self._spec
-        f = torch.round(self.frac.detach().clamp(-MAX_ABS_FRAC, MAX_ABS_FRAC)).to(x.dtype)  # half to even
+        f = torch.round(self.frac.detach().clamp(-MAX_ABS_FRAC, MAX_ABS_FRAC))  # half to even
         if axis is not None:
             shape = [1] * x.dim()
             shape[axis] = self.num_channels
             f = f.reshape(shape)
-        inv = torch.exp2(-f)
-        consts = _FastConsts(axis, spec, torch.exp2(f) * spec.grid, inv, inv * spec.lo, inv * spec.hi, True)
+        inv = _pow2(-f, x.dtype)
+        consts = _FastConsts(axis, spec, _pow2(f + math.log2(spec.grid), x.dtype), inv, inv * spec.lo, inv * spec.hi,
+                             x.dtype == torch.float64)
         if torch.is_grad_enabled() and (x.requires_grad or self.frac.requires_grad):
             return _FastSTE.apply(x, self.frac, consts, grad_scale)
         return _fast_cast(x, consts, want_inside=False)[0]
