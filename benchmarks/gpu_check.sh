@@ -6,7 +6,8 @@
 #
 # Needs python with torch, onnx, onnxruntime, typer, rich, pytest, pytest-xdist, hypothesis, numpy;
 # no network. The package need not be installed: it is tried as an editable install without deps
-# and, failing that, imported from the checkout (PYTHONPATH, plus a link cli -> qfx_onnx_cli).
+# (QFX_NO_INSTALL=1 skips that) and, failing that, imported from the checkout (PYTHONPATH, plus a
+# link cli -> qfx_onnx_cli).
 # Every step has its own time limit and its own log under $OUT; $OUT/results.md is the table.
 # Without CUDA (a dry run) the CUDA tests skip and the runs use --device cpu and gloo.
 set -u
@@ -54,7 +55,8 @@ cat "$OUT/env.log"
 # qfx_onnx and the CLI importable from this checkout, and a `qfx-onnx` executable (torchrun needs one)
 SHIM=/tmp/qfx_gpu_check_shim
 mkdir -p "$SHIM/bin"
-if ! python -c "import qfx_onnx_cli, qfx_onnx, sys; sys.exit(not qfx_onnx.__file__.startswith('$ROOT'))" 2>/dev/null; then
+if [ "${QFX_NO_INSTALL:-0}" != 1 ] && \
+   ! python -c "import qfx_onnx_cli, qfx_onnx, sys; sys.exit(not qfx_onnx.__file__.startswith('$ROOT'))" 2>/dev/null; then
     pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || echo "editable install failed" >> "$OUT/install.log"
 fi
 if ! python -c "import qfx_onnx_cli, qfx_onnx, sys; sys.exit(not qfx_onnx.__file__.startswith('$ROOT'))" 2>/dev/null; then

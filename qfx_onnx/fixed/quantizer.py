@@ -156,12 +156,14 @@ class _FastSTE(torch.autograd.Function):
             dims = None if axis is None else [i for i in range(x.dim()) if i != axis]
             # d xq / d log2(s), over ln2: xq - x inside the range, xq outside it, so the sum of
             # grad * d is <grad, xq> - <grad_x, x>: two reductions, no new tensor the size of x.
-            g_in = grad_x if grad_x is not None else grad * inside
-            if axis is None:
-                total = torch.dot(grad.reshape(-1), xq.reshape(-1)) - torch.dot(g_in.reshape(-1), x.reshape(-1))
-            else:
-                total = torch.addcmul(grad * xq, g_in, x, value=-1.0).sum(dim=dims)
-            if not (lazy_nan() and total.device.type == "cpu" and bool(torch.isfinite(total).all())):
+            total = None
+            if lazy_nan():  # eager; traced, the one-expression form below fuses into one loop
+                g_in = grad_x if grad_x is not None else grad * inside
+                if axis is None:
+                    total = torch.dot(grad.reshape(-1), xq.reshape(-1)) - torch.dot(g_in.reshape(-1), x.reshape(-1))
+                else:
+                    total = torch.addcmul(grad * xq, g_in, x, value=-1.0).sum(dim=dims)
+            if total is None or not (total.device.type == "cpu" and bool(torch.isfinite(total).all())):
                 # x * 0.0 is NaN where x is not finite, and the formula wants 0 there
                 d = torch.where(inside != 0, xq - x, xq).mul_(grad)
                 total = d.sum() if axis is None else d.sum(dim=dims)
