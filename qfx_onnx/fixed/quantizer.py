@@ -24,12 +24,14 @@ per-call work low. The integer binary points and every constant derived from the
 ``2**-F``, the code bounds, as tensors on the input's device) are cached in a ``_Plan``,
 rebuilt only when ``frac`` changes (its version counter moves, as it does after an optimizer step
 or ``set_frac``; a change made through ``frac.data`` is not seen). Reading the integers back is the
-one device-to-host copy, once per change of ``frac``, none while it is frozen. The common types
-(``AP_SAT``/``AP_SAT_SYM``, ``AP_RND``/``AP_RND_MIN_INF``/``AP_TRN``/``AP_TRN_ZERO``/``AP_RND_CONV``,
-every F >= 0 and the work dtype of ``cast`` equal to the input's) take ``_fast_cast``: ten
-elementwise passes, mostly in place, with float (not boolean) masks, which CPU kernels vectorize;
-its rounding is restated on the grid of ``2**-(F+1)`` so that every intermediate stays exact (see
-``_fast_cast``). Other types take the general ``_quantize_with``. Both are bit-identical to ``cast``.
+one device-to-host copy, once per change of ``frac``, none while it is frozen. Every float-path type
+under saturation (``AP_SAT``/``AP_SAT_SYM``, unsigned ``AP_WRAP_SM``; any rounding mode; the work
+dtype of ``cast`` equal to the input's) takes ``_fast_cast``: :mod:`qfx_onnx.fixed.kernels`'
+rounding in place on one temporary, a float (not boolean) mask of the codes inside the range for
+the backward pass, which reduces the binary-point gradient as two dot products. Other types take
+the general ``_quantize_with`` (the same kernels, plus a -1/0/+1 state). Under ``torch.compile``
+the fast path traces with the binary points as tensors (``_traced_forward``): they are graph
+inputs, not constants to recompile for. All paths are bit-identical to ``cast``.
 """
 
 from __future__ import annotations
