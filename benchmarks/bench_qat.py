@@ -3,6 +3,7 @@ and the training step time of QAT against float training of the same graph.
 
     python benchmarks/bench_qat.py                 # everything, writes benchmarks/qat_results.md
     python benchmarks/bench_qat.py --models cnn --configs 4/4/8 --epochs 5 --seeds 0 1 --out /tmp/x.md
+    python benchmarks/bench_qat.py --steps-only --out /tmp/steps.md   # the step-time table only (issue 12)
 
 One intra-op thread throughout (the models are tiny: more threads only add synchronisation, and
 the timings stay meaningful on a shared machine). Every accuracy is the exact float64 fixed-point
@@ -35,6 +36,9 @@ from qfx_onnx.quant.quantize import quantize_graph
 from qfx_onnx.train import FinetuneConfig, evaluate, finetune
 from qfx_onnx.train.prepare import to_khot
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from qat_step import resnet20_fixed, resnet20_float, step_times  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "models" / "digits.npz"
 CONFIGS = ["8/8/8", "8/8/6", "6/6/8", "6/6/6", "4/4/8", "4/4/6"]  # weight/act/elementwise bits
@@ -59,37 +63,62 @@ def over_seeds(model, train, test, args, learn: bool, epochs: int) -> list[dict]
     return [qat(model, train, test, epochs, learn, args.lr, seed, args.val_fraction) for seed in args.seeds]
 
 
-def step_times(name: str, x_calib, train: ArrayDataset, batch: int = 64, steps: int = 30, repeats: int = 5) -> dict:
-    """Median seconds per training step (forward, backward, Adam): casts off (``float``), casts on
-    with frozen binary points (``frozen``) and casts on with learned binary points (``qat``)."""
-    model = ptq_model(name, x_calib, 8, 8, 8)
-    out = {}
-    for dtype in (torch.float32, torch.float64):
-        net = copy.deepcopy(model).to(dtype).train()
-        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-        xs = [train.x[i * batch:(i + 1) * batch] for i in range(steps)]
-        ys = [train.y[i * batch:(i + 1) * batch] for i in range(steps)]
+STEP_MODES = ["float", "qat", "frozen", "float_compiled", "qat_compiled", "brevitas"]
 
-        def run() -> float:
-            t = time.perf_counter()
-            for xb, yb in zip(xs, ys):
-                loss = F.cross_entropy(net(xb), yb)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            return (time.perf_counter() - t) / steps
 
-        samples: dict[str, list[float]] = {"qat": [], "frozen": [], "float": []}
-        for _ in range(repeats):  # interleaved, so that machine load hits every mode alike
-            for mode in samples:
-                net.set_casts_enabled(mode != "float")
-                for quant in net.quantizers().values():
-                    quant.frac.requires_grad_(mode == "qat")  # frozen: no frac gradient, Adam skips it
-                run()  # warm-up of this mode
-                samples[mode].append(run())
-        key = str(dtype).removeprefix("torch.")
-        out[key] = {mode: statistics.median(v) for mode, v in samples.items()}
-    return out
+def step_rows(models: list[str], batches: list[int], modes: list[str], device: str, steps: int, repeats: int,
+              x_calib: torch.Tensor, train: ArrayDataset) -> list[dict]:
+    """Step times (benchmarks/qat_step.py) of each model and batch size: one dict per row."""
+    rows = []
+    for name in models:
+        gen = torch.Generator().manual_seed(0)
+        if name == "resnet20":
+            fixed, float_module = resnet20_fixed(torch.randn(64, 3, 32, 32, generator=gen)), resnet20_float()
+            shape, classes = (3, 32, 32), 10
+        else:
+            fixed, float_module = ptq_model(name, x_calib, 8, 8, 8), None
+            shape, classes = tuple(train.x.shape[1:]), 10
+        fixed.to(device)
+        for batch in batches:
+            xs = [torch.randn((batch, *shape), generator=gen).to(device) for _ in range(steps)]
+            ys = [torch.randint(0, classes, (batch,), generator=gen).to(device) for _ in range(steps)]
+            if name != "resnet20":  # the real digits, as many batches as there are
+                xs = [train.x[(i * batch) % 1024:][:batch].to(device) for i in range(steps)]
+                ys = [train.y[(i * batch) % 1024:][:batch].to(device) for i in range(steps)]
+            print(f"{name} batch {batch} on {device}:", flush=True)
+            times = step_times(fixed, xs, ys, modes, repeats, float_module=float_module.to(device) if float_module else None)
+            rows.append({"model": name, "batch": batch, "device": device, "casts": len(fixed.quantizers()), **times})
+            print(f"  {_step_line(rows[-1])}", flush=True)
+    return rows
+
+
+def _step_line(row: dict) -> str:
+    ratios = {k: v / row["float"] for k, v in row.items() if k in STEP_MODES and k != "float"}
+    if "float_compiled" in row and "qat_compiled" in row:
+        ratios["qat_compiled/float_compiled"] = row["qat_compiled"] / row["float_compiled"]
+    return f"float {1e3 * row['float']:.1f} ms; " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+
+
+STEP_TARGETS = {("resnet20", "qat"): 1.4, ("cnn", "qat"): 1.8, ("resnet20", "qat_compiled"): 1.15, ("cnn", "qat_compiled"): 1.3}
+
+
+def render_steps(rows: list[dict]) -> str:
+    """Markdown: ms per step of each mode and the ratios to the float step (compiled QAT also to
+    the compiled float step), with the issue-12 targets."""
+    lines = ["| model | casts | batch | device | float ms | QAT eager | frozen BP | float compiled | QAT compiled | "
+             "QAT compiled / float compiled | Brevitas twin |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def cell(mode: str, base: str = "float") -> str:
+            if mode not in r or base not in r:
+                return "-"
+            ratio = r[mode] / r[base]
+            goal = STEP_TARGETS.get((r["model"], mode))
+            mark = "" if goal is None else (f" (<= {goal}: met)" if ratio <= goal else f" (<= {goal}: NOT met)")
+            return f"{ratio:.2f}x{mark}"
+        comp = cell("qat_compiled", "float_compiled")
+        lines.append(f"| {r['model']} | {r['casts']} | {r['batch']} | {r['device']} | {1e3 * r['float']:.1f} | {cell('qat')} | "
+                     f"{cell('frozen')} | {cell('float_compiled')} | {cell('qat_compiled')} | {comp} | {cell('brevitas')} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -104,6 +133,13 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--steps-only", action="store_true", help="Only the step-time table (no accuracy runs).")
+    parser.add_argument("--step-models", nargs="+", default=["cnn", "resnet20"])
+    parser.add_argument("--step-batches", nargs="+", type=int, default=[64, 256])
+    parser.add_argument("--step-modes", nargs="+", default=STEP_MODES, choices=STEP_MODES)
+    parser.add_argument("--step-device", default="cpu")
+    parser.add_argument("--step-count", type=int, default=10, help="Steps per timed run.")
+    parser.add_argument("--step-repeats", type=int, default=5, help="Interleaved timed runs per mode (median).")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "qat_results.md")
     parser.add_argument("--json", type=Path, default=None, help="Also write the raw results here.")
     parser.add_argument("--render", type=Path, default=None, help="Only re-render --out from a --json file.")
@@ -119,6 +155,15 @@ def main() -> None:
     xt, yt = load_arrays(DATA, "test")
     train, test = ArrayDataset(x, y, "train"), ArrayDataset(xt, yt, "test")
     x_calib = x[:512]
+    if args.steps_only:
+        rows = step_rows(args.step_models, args.step_batches, args.step_modes, args.step_device, args.step_count,
+                         args.step_repeats, x_calib, train)
+        text = render_steps(rows)
+        print(text)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1))
+        args.out.write_text(text)
+        return
     results: dict = {"models": {}, "timing": {}}
     for name in args.models:
         rows = results["models"][name] = {}
@@ -147,8 +192,8 @@ def main() -> None:
             args.json.write_text(json.dumps({**results, "seconds": time.perf_counter() - start,
                                              "args": _plain(vars(args))}, indent=1))
         if not args.no_timing:
-            results["timing"][name] = step_times(name, x_calib, train)
-            print(f"{name} step times {results['timing'][name]}", flush=True)
+            row = step_rows([name], [64], ["float", "frozen", "qat"], "cpu", 30, 5, x_calib, train)[0]
+            results["timing"][name] = {"float32": {k: row[k] for k in ("float", "frozen", "qat")}}
     results["seconds"] = time.perf_counter() - start
     results["args"] = _plain(vars(args))
     if args.json:

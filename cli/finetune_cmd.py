@@ -66,6 +66,8 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in the checkpoint folder."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (under torchrun: each rank its own GPU)."),
     train_dtype: str = typer.Option("float32", "--train-dtype", help="Training precision: float32 (fast; casts exact for W <= 24) or float64."),
+    compile_step: bool = typer.Option(False, "--compile", help="Compile the training step with torch.compile (inductor; "
+                                      "faster steps after a compile of tens of seconds; needs a C++ compiler on CPU)."),
     threads: int | None = typer.Option(None, "--threads", show_default="torch's", help="Intra-op CPU threads per process; 1 is often fastest for small models."),
     verify: Verify = True,
     force: Force = False,
@@ -89,7 +91,7 @@ def finetune(
 def _finetune(model, data, output, eval_data, task, target, epochs, batch_size, lr, frac_lr, optimizer, lr_schedule,
               weight_decay, seed, patience, val_fraction, freeze_binary_points, recalibrate_imported, per_channel, weight_bits, act_bits, input_bits,
               elementwise_bits, bias_bits, calibration, calib_samples, khot, csd, khot_elementwise, checkpoint_dir,
-              resume, device, train_dtype, threads, verify, force, ui: Output) -> None:
+              resume, device, train_dtype, compile_step, threads, verify, force, ui: Output) -> None:
     from qfx_onnx.quant.annotated import read_annotated, verify_annotated
     from qfx_onnx.quant.annotated_write import build_annotated, save_annotated
     from qfx_onnx.train import FinetuneConfig, FinetuneInterrupted, finetune as run_finetune
@@ -117,7 +119,7 @@ def _finetune(model, data, output, eval_data, task, target, epochs, batch_size, 
         lr_schedule=lr_schedule, task=task, learn_binary_points=not freeze_binary_points, seed=seed, patience=patience,
         recalibrate_imported=recalibrate_imported,
         val_fraction=0.1 if val_fraction is None else val_fraction,
-        device=device, train_dtype=train_dtype, resume=resume,
+        device=device, train_dtype=train_dtype, resume=resume, compile=compile_step,
         checkpoint_dir=str(checkpoint_dir or output.with_name(output.name + ".ckpt")))
     config.check()
     rank = int(os.environ.get("RANK", "0") or 0)

@@ -300,3 +300,20 @@ def test_model_is_a_plain_module_for_your_own_loop(mlp_file, digits, tmp_path):
     model.eval()
     write_annotated(model, tmp_path / "own.qfx.onnx")
     assert evaluate(read_annotated(tmp_path / "own.qfx.onnx"), test) == evaluate(model, test)
+
+
+def test_compiled_training_step_matches_eager(digits):
+    # finetune --compile: torch.compile of the training model (one small model: compiling takes
+    # seconds). The forward values are the same kernels, so every step's loss and the learned
+    # weights agree with eager training up to the float rounding of fused sums; binary points
+    # move (a high binary-point rate), so the compiled step sees types change.
+    train = subset(digits[0], 192)
+    model = quantize_graph(load_onnx(MODELS / "mlp.onnx"), [train.x[:128]])
+    cfg = dict(epochs=2, batch_size=32, val_fraction=0.0, frac_lr=0.3)
+    eager = finetune(copy.deepcopy(model), train, None, FinetuneConfig(**cfg))
+    compiled = finetune(copy.deepcopy(model), train, None, FinetuneConfig(**cfg, compile=True))
+    losses = [[h["train_loss"] for h in r.history if h["train_loss"] is not None] for r in (eager, compiled)]
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for (name, a), b in zip(eager.model.state_dict().items(), compiled.model.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+    assert eager.moved_binary_points() and compiled.moved_binary_points() == eager.moved_binary_points()

@@ -127,3 +127,75 @@ def test_cuda_matches_cpu():
         t = FixedType(12, 4, True, q, o, 1)
         np.testing.assert_array_equal(cast(x.cuda(), t).cpu().numpy(), cast(x, t).numpy())
         np.testing.assert_array_equal(cast(x.float().cuda(), t).cpu().numpy(), cast(x.float(), t).numpy())
+
+
+def _float32_patterns(rng: np.random.Generator, n: int) -> np.ndarray:
+    """n random float32 bit patterns (every class: normals, subnormals, ±0, ±inf, NaN of both signs)."""
+    bits = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+@pytest.mark.parametrize("q, o", MODES, ids=lambda m: m.value)
+def test_nan_of_either_sign_and_float32_bit_patterns_match_reference(q, o):
+    # NaN is read as an infinity of its sign (x86 makes -NaN: 0 * inf); the largest float below a
+    # tie (nextafter) is where floor(y + 0.5) goes wrong; codes beyond 2**23 are where float32
+    # rounding of y + 0.5 would; random bit patterns cover every float32 class.
+    rng = np.random.default_rng([zlib.crc32(q.value.encode()), zlib.crc32(o.value.encode()), 32])
+    nan = np.float64("nan")
+    for w, i, s, n in [(8, 3, True, 0), (8, 3, False, 0), (30, 10, True, 0), (24, 0, True, 0), (24, 24, False, 0),
+                       (8, 3, True, 2), (12, -4, False, 1), (16, 16, True, 3)]:
+        t = FixedType(w, i, s, q, o, n)
+        ties = (rng.integers(-(2**w), 2**w, 64) + 0.5) * t.lsb
+        big = np.array([2.0**23, 2.0**24, 2.0**24 - 1, 2.0**23 + 1, 3 * 2.0**22 + 1, 2.0**53 - 1, 2.0**52 + 1]) * t.lsb
+        x64 = np.concatenate([[nan, -nan, np.nextafter(0.5, 0) * t.lsb, -np.nextafter(0.5, 0) * t.lsb], ties,
+                              np.nextafter(ties, 0), np.nextafter(ties, np.inf), big, -big])
+        np.testing.assert_array_equal(cast(torch.from_numpy(x64), t).numpy(), reference_cast(x64, t), err_msg=str(t))
+        with np.errstate(over="ignore"):
+            x32 = np.concatenate([x64.astype(np.float32), _float32_patterns(rng, 4000),
+                                  np.nextafter(ties.astype(np.float32), np.float32(0))])
+        with np.errstate(invalid="ignore"):
+            want = reference_cast(x32.astype(np.float64), t)
+        got = cast(torch.from_numpy(x32), t).numpy()
+        if w <= 24:
+            np.testing.assert_array_equal(got, want.astype(np.float32), err_msg=str(t))
+        assert np.array_equal(cast(torch.from_numpy(x32.astype(np.float64)), t).numpy(), want), str(t)
+
+
+float_path_type = st.builds(
+    lambda w, f, s, q, o: FixedType(w, w - f, s, q, o),
+    st.integers(1, 24), st.integers(0, 126), st.booleans(),
+    st.sampled_from(list(QuantMode)), st.sampled_from([m for m in OverflowMode]),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(float_path_type, st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=64), st.integers(0, 2**31))
+def test_property_float32_work_dtype_matches_reference(t, patterns, seed):
+    # float32 inputs of types the kernels compute in float32 (W <= 24, 0 <= F <= 126): any bit pattern,
+    # plus the type's ties and the floats either side of them.
+    rng = np.random.default_rng(seed)
+    ties = ((rng.integers(-(2 ** t.width), 2 ** t.width, 16) + 0.5) * t.lsb).astype(np.float32)
+    x = np.concatenate([np.array(patterns, dtype=np.uint32).view(np.float32), ties,
+                        np.nextafter(ties, np.float32(np.inf)), np.nextafter(ties, np.float32(-np.inf))])
+    got = cast(torch.from_numpy(x), t)
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), reference_cast(x.astype(np.float64), t).astype(np.float32), err_msg=str(t))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_reference_on_every_float_class():
+    # On CUDA the kernels resolve NaN without a read-back (torch.where); every mode, NaN of both
+    # signs, float32 bit patterns and the floats beside ties, against the numpy reference.
+    rng = np.random.default_rng(5)
+    for q, o in MODES:
+        for w, i, s, n in [(8, 3, True, 0), (8, 3, False, 2), (30, 10, True, 1), (24, 24, False, 0), (64, 30, True, 0)]:
+            t = FixedType(w, i, s, q, o, n)
+            ties = (rng.integers(-(2**min(w, 50)), 2**min(w, 50), 256) + 0.5) * t.lsb
+            x64 = np.concatenate([[np.nan, -np.nan], ties, np.nextafter(ties, 0), edge_values(t, rng, 100)])
+            with np.errstate(invalid="ignore"):
+                np.testing.assert_array_equal(cast(torch.from_numpy(x64).cuda(), t).cpu().numpy(),
+                                              reference_cast(x64, t), err_msg=str(t))
+            x32 = np.concatenate([_float32_patterns(rng, 2048), x64.astype(np.float32)])
+            want = cast(torch.from_numpy(x32), t)
+            got = cast(torch.from_numpy(x32).cuda(), t).cpu()
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32)), str(t)

@@ -3,8 +3,8 @@
 Compiling costs seconds per type, so compiled kernels are checked on five types that cover the
 float path's four overflow branches and the int path, both dtypes, an unsigned type and a negative
 binary point (``benchmarks/bench_cast.py`` checks six more combinations on 10**7 values). All 35
-mode combinations are checked on the uncompiled float path, the only code fused.py spells
-differently from cast.py (int-path types compile ``cast`` itself).
+mode combinations are checked on the uncompiled body against the numpy reference (fused.py compiles
+kernels.py's float path and, for int-path types, ``cast`` itself; nothing is restated).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import itertools
 import pytest
 import torch
 
-from qfx_onnx.fixed import FixedType, OverflowMode, QuantMode, cast
-from qfx_onnx.fixed.cast import _needs_int_path
+import numpy as np
+
+from qfx_onnx.fixed import FixedType, OverflowMode, QuantMode, cast, reference_cast
+from qfx_onnx.fixed.kernels import needs_int_path as _needs_int_path
 from qfx_onnx.fixed.fused import _float_cast, fused_cast
 
 
@@ -56,7 +58,11 @@ def test_float_path_matches_cast_for_every_mode(q, o, dtype):
         if _needs_int_path(t):
             continue  # fused_cast compiles cast itself for these
         x = edge_values(t, dtype)
-        assert_same_bits(_float_cast(x, t), cast(x, t))
+        want = reference_cast(x.double().numpy(), t)
+        got = _float_cast(x, t)
+        assert got.dtype == dtype
+        if dtype == torch.float64 or w <= 24:
+            assert_same_bits(got, torch.from_numpy(want).to(dtype))
 
 
 COMPILED = [  # every overflow path, both dtypes, unsigned, F < 0; benchmarks/bench_cast.py adds the rest
@@ -89,3 +95,14 @@ def test_invalid_arguments_raise_like_cast():
         fused_cast(torch.arange(4), "ap_fixed<8,3>")
     with pytest.raises(ValueError):
         fused_cast(torch.zeros(4), "ap_fixed<65,3>")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_cast_on_cuda_matches_cpu_cast():
+    # triton kernels from the same code: a float-path type per overflow branch and an int-path type
+    for text in ("ap_fixed<8,3,AP_RND,AP_SAT>", "ap_ufixed<6,2,AP_RND_ZERO,AP_SAT_ZERO>",
+                 "ap_fixed<8,3,AP_TRN,AP_WRAP>", "ap_fixed<8,3,AP_RND_CONV,AP_WRAP_SM,2>"):
+        t = FixedType.parse(text)
+        for dtype in (torch.float32, torch.float64):
+            x = edge_values(t, dtype)
+            assert_same_bits(fused_cast(x.cuda(), t).cpu(), cast(x, t))

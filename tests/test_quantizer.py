@@ -325,7 +325,7 @@ def test_cuda_matches_cpu():
 
 
 # ------------------------------------------------------------------------------ fast training path
-FAST_Q = [QuantMode.RND, QuantMode.RND_MIN_INF, QuantMode.TRN, QuantMode.TRN_ZERO, QuantMode.RND_CONV]
+FAST_Q = list(QuantMode)  # every rounding mode takes the fast path under saturation
 FAST_TYPES = [(True, OverflowMode.SAT), (True, OverflowMode.SAT_SYM), (False, OverflowMode.SAT),
               (False, OverflowMode.WRAP_SM)]  # unsigned AP_WRAP_SM saturates
 
@@ -375,10 +375,11 @@ def test_fast_path_declines_where_cast_changes_dtype_or_underflows():
         quant = FixedQuantizer(width, True, "AP_RND", "AP_SAT", frac=float(f))
         assert torch.equal(quant(x), cast(x, FixedType(width, width - f, True, "AP_RND", "AP_SAT")))
         assert quant._plan_cache.fast is None
-    for q, o in ((QuantMode.RND_ZERO, OverflowMode.SAT), (QuantMode.RND, OverflowMode.WRAP)):
+    for q, o, fast in ((QuantMode.RND_ZERO, OverflowMode.SAT, True), (QuantMode.RND, OverflowMode.WRAP, False),
+                       (QuantMode.RND, OverflowMode.SAT_ZERO, False)):
         quant = FixedQuantizer(8, True, q, o, frac=3.0)
         quant(x)
-        assert quant._plan_cache.fast is None
+        assert (quant._plan_cache.fast is not None) == fast
 
 
 def _grads(quant: FixedQuantizer, x: torch.Tensor, weight: torch.Tensor):
@@ -463,3 +464,24 @@ def test_forward_without_autograd_skips_the_bookkeeping():
         y = quant(x)
     assert y.grad_fn is None and not y.requires_grad
     assert torch.equal(y, cast(x.detach(), FixedType.parse("ap_fixed<8,4,AP_RND,AP_SAT>")))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_every_mode_forward_and_gradients_match_cpu():
+    # the fast path (NaN resolved by torch.where on CUDA) and the general path, per channel
+    x = torch.cat([torch.randn(6, 3, 5) * 8, torch.full((1, 3, 5), float("nan")), torch.full((1, 3, 5), -float("inf"))])
+    for q in QuantMode:
+        for o in (OverflowMode.SAT, OverflowMode.SAT_SYM, OverflowMode.SAT_ZERO, OverflowMode.WRAP):
+            quant = FixedQuantizer(8, True, q, o, frac=[2.0, 0.0, 5.0], per_channel_axis=1, num_channels=3)
+            xc = x.clone().requires_grad_(True)
+            want = quant(xc)
+            want.nan_to_num().sum().backward()
+            want_grads = (xc.grad.clone(), quant.frac.grad.clone())
+            quant.frac.grad = None
+            quant.cuda()
+            xg = x.cuda().requires_grad_(True)
+            got = quant(xg)
+            got.nan_to_num().sum().backward()
+            assert torch.equal(got.detach().cpu(), want.detach()), (q, o)
+            assert torch.equal(xg.grad.cpu(), want_grads[0]), (q, o)
+            assert torch.allclose(quant.frac.grad.cpu(), want_grads[1], rtol=1e-5, atol=1e-5, equal_nan=True), (q, o)

@@ -1,8 +1,10 @@
 """``cast(x, T)``: what ``ap_fixed`` returns when a double of the same value is assigned to it, on torch.
 
-Float arithmetic here only ever computes exact results: scaling by powers of two, ``floor``,
-``floor + 0.5`` and comparisons. Bit-level overflow modes (``AP_WRAP`` with N
-saturation bits, signed ``AP_WRAP_SM``), ``ap_int`` and widths above 53 bits take an int64 path.
+Every ``ap_fixed`` of W <= 53 takes the float path, :mod:`qfx_onnx.fixed.kernels`: the one
+definition of each mode's rounding and overflow arithmetic (the bit-level modes, ``AP_WRAP`` with
+N saturation bits and ``AP_WRAP_SM``, as arithmetic on the W-bit code), called here with Python
+scalars. ``ap_int`` and widths above 53 bits take the int64 path below, on codes rounded by the
+same kernels.
 float32 tensors are computed in float32 when every intermediate is exact there (W <= 24 and
 0 <= F <= 126) and in float64 otherwise; the result has the input's dtype, so a float32 result is
 exact only for types with at most 24 significant bits. Tested against
@@ -14,73 +16,27 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from qfx_onnx.fixed.types import FixedType, OverflowMode as O, QuantMode as Q
+from qfx_onnx.fixed.kernels import GRID, float_cast, float_codes, float_spec, needs_int_path, round_, scaled, work_dtype
+from qfx_onnx.fixed.types import FixedType, OverflowMode as O
 
-_TINY = 2.0**-30  # stands in for a nonzero |x * 2**F| that underflowed to zero: sign is all that counts
 
 
 def _needs_int_path(t: FixedType) -> bool:
-    return t.is_int or t.width > 53 or (t.o is O.WRAP and t.n > 0) or (t.o is O.WRAP_SM and t.signed)
+    return needs_int_path(t)
 
 
-def _work_dtype(x: torch.Tensor, t: FixedType) -> torch.dtype:
-    if x.dtype == torch.float32 and t.width <= 24 and 0 <= t.frac <= 126 and not _needs_int_path(t):
-        return torch.float32
-    return torch.float64
+def _nan_as_inf(x: torch.Tensor) -> torch.Tensor:
+    """float64 ``x`` with NaN read as an infinity of its sign (the header treats NaN as huge)."""
+    y = x.to(torch.float64)
+    return torch.where(torch.isnan(y), torch.copysign(torch.full_like(y, float("inf")), y), y)
 
 
-def _scaled(x: torch.Tensor, t: FixedType, dtype: torch.dtype) -> torch.Tensor:
-    """``x * 2**F`` in ``dtype`` with NaN read as an infinity (the header treats NaN as huge)."""
-    y = x.to(dtype)
-    y = torch.where(torch.isnan(y), torch.copysign(torch.full_like(y, float("inf")), y), y)
-    y = y * (2.0**t.frac)
-    if t.frac < 0:
-        # x * 2**F may underflow to zero; the rounding only needs the sign of a tiny value.
-        y = torch.where((y == 0) & (x != 0), torch.copysign(torch.full_like(y, _TINY), x.to(dtype)), y)
-    return y
-
-
-def _round(y: torch.Tensor, q: Q) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, floor): ``y`` rounded to an integer by mode ``q``, and ``floor(y)``."""
-    fl = torch.floor(y)
-    if q is Q.TRN:
-        return fl, fl
-    if q is Q.TRN_ZERO:
-        return torch.trunc(y), fl
-    if q is Q.RND_CONV:
-        return torch.round(y), fl  # torch.round is round-half-to-even, exact
-    # Compare y with the midpoint fl + 0.5 rather than forming y - fl: for y in (-0.5, 0) the
-    # difference 1 + y can round to exactly 0.5. fl + 0.5 is exact unless |y| is so large that y
-    # is already an integer, which the y != fl term covers.
-    mid = fl + 0.5
-    above = y > mid
-    if q is Q.RND:
-        up = (y >= mid) & (y != fl)
-    elif q is Q.RND_MIN_INF:
-        up = above
-    else:
-        tie = (y == mid) & (y != fl)
-        up = above | (tie & ((y < 0) if q is Q.RND_ZERO else (y > 0)))  # RND_ZERO / RND_INF
-    return fl + up.to(y.dtype), fl
-
-
-def _overflow_float(qv: torch.Tensor, t: FixedType) -> torch.Tensor:
-    """Resolve overflow on exact integer-valued floats, for W <= 53 and the non-bit-level modes."""
-    lo, hi = float(t.int_min), float(t.int_max)
-    o = t.o if t.signed or t.o is not O.WRAP_SM else O.SAT
-    if o is O.SAT:
-        return qv.clamp_(lo, hi)
-    if o is O.SAT_SYM:
-        return qv.clamp_(float(t.sat_min_code), hi)
-    if o is O.SAT_ZERO:
-        return qv.masked_fill_((qv < lo) | (qv > hi), 0.0)
-    # AP_WRAP, N == 0: keep the low W bits. remainder() by a power of two is exact here, and inf
-    # (|x * 2**F| beyond the float range) has only zero bits below 2**W.
-    qv = torch.where(torch.isinf(qv), torch.zeros_like(qv), qv)
-    m = torch.remainder(qv, 2.0**t.width)
-    if t.signed:
-        m = torch.where(m > hi, m - 2.0**t.width, m)
-    return m
+def _int_path_round(x: torch.Tensor, t: FixedType) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, floor): float64 ``x * 2**F`` rounded by ``t.q`` (kernels.py's rounding), and its floor."""
+    y = _nan_as_inf(x)
+    qv = round_(scaled(y, 2.0**t.frac * GRID.get(t.q, 2), torch.float64, t.frac < 0), t.q)
+    fl = scaled(y, 2.0**t.frac, torch.float64, t.frac < 0).floor_() if t.o is O.WRAP_SM else qv
+    return qv, fl
 
 
 def _low64(v: torch.Tensor) -> torch.Tensor:
@@ -182,11 +138,10 @@ def cast_codes(x: torch.Tensor | np.ndarray, t: FixedType | str) -> torch.Tensor
     _check(x, t)
     if t.is_int:
         return _int_type_codes(x, t)
-    y = _scaled(x, t, torch.float64)
-    qv, fl = _round(y, t.q)
     if _needs_int_path(t):
+        qv, fl = _int_path_round(x, t)
         return _overflow_int(qv, fl, t)
-    return _low64(_overflow_float(qv, t))
+    return _low64(float_codes(x, float_spec(t), t.frac, torch.float64))
 
 
 def cast(x: torch.Tensor | np.ndarray, t: FixedType | str) -> torch.Tensor | np.ndarray:
@@ -209,11 +164,7 @@ def cast(x: torch.Tensor | np.ndarray, t: FixedType | str) -> torch.Tensor | np.
         if not t.signed and t.width == 64:
             v = torch.where(v < 0, v + 2.0**64, v)  # the bit pattern of an unsigned 64-bit code
         return (v * 2.0**-t.frac).to(x.dtype)
-    dtype = _work_dtype(x, t)
-    y = _scaled(x, t, dtype)
-    qv, _ = _round(y, t.q)
-    qv = _overflow_float(qv, t)
-    return (qv.mul_(2.0**-t.frac).add_(0.0)).to(x.dtype)
+    return float_cast(x, float_spec(t), t.frac, work_dtype(x.dtype, t))
 
 
 def _from_numpy(x) -> torch.Tensor:

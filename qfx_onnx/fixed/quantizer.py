@@ -24,12 +24,14 @@ per-call work low. The integer binary points and every constant derived from the
 ``2**-F``, the code bounds, as tensors on the input's device) are cached in a ``_Plan``,
 rebuilt only when ``frac`` changes (its version counter moves, as it does after an optimizer step
 or ``set_frac``; a change made through ``frac.data`` is not seen). Reading the integers back is the
-one device-to-host copy, once per change of ``frac``, none while it is frozen. The common types
-(``AP_SAT``/``AP_SAT_SYM``, ``AP_RND``/``AP_RND_MIN_INF``/``AP_TRN``/``AP_TRN_ZERO``/``AP_RND_CONV``,
-every F >= 0 and the work dtype of ``cast`` equal to the input's) take ``_fast_cast``: ten
-elementwise passes, mostly in place, with float (not boolean) masks, which CPU kernels vectorize;
-its rounding is restated on the grid of ``2**-(F+1)`` so that every intermediate stays exact (see
-``_fast_cast``). Other types take the general ``_quantize_with``. Both are bit-identical to ``cast``.
+one device-to-host copy, once per change of ``frac``, none while it is frozen. Every float-path type
+under saturation (``AP_SAT``/``AP_SAT_SYM``, unsigned ``AP_WRAP_SM``; any rounding mode; the work
+dtype of ``cast`` equal to the input's) takes ``_fast_cast``: :mod:`qfx_onnx.fixed.kernels`'
+rounding in place on one temporary, a float (not boolean) mask of the codes inside the range for
+the backward pass, which reduces the binary-point gradient as two dot products. Other types take
+the general ``_quantize_with`` (the same kernels, plus a -1/0/+1 state). Under ``torch.compile``
+the fast path traces with the binary points as tensors (``_traced_forward``): they are graph
+inputs, not constants to recompile for. All paths are bit-identical to ``cast``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from qfx_onnx.fixed.cast import _TINY, _needs_int_path, _overflow_float, _round, cast
+from qfx_onnx.fixed import kernels
+from qfx_onnx.fixed.cast import cast
+from qfx_onnx.fixed.kernels import (FloatSpec, fix_nan_, float_spec, lazy_nan, needs_int_path, overflow_, round_,
+                                     scaled, to_values_, work_dtype)
 from qfx_onnx.fixed.types import MAX_ABS_FRAC, FixedType, OverflowMode, QuantMode
 
 LN2 = math.log(2.0)
@@ -96,103 +101,76 @@ class _BinaryPointSTE(torch.autograd.Function):
 
 @dataclasses.dataclass(frozen=True)
 class _FastConsts:
-    """Constants of ``_fast_cast`` for one set of binary points and one input dtype and device.
-
-    ``scale``, ``inv`` and ``neg_step`` broadcast along the channel axis of a per-channel quantizer
-    (``neg_step`` is a Python float for a per-tensor one: ``addcmul`` takes it as a scalar). The
-    rounding first maps ``y = x * 2**F`` onto the grid of ``2**-(k-1)`` (k = 2 for the two
-    round-to-nearest modes) and rounds there; ``second`` finishes the code.
-    """
+    """Constants of the fast path for one set of binary points, input dtype and device: Python
+    floats for a per-tensor quantizer, tensors broadcasting along ``axis`` for a per-channel one."""
 
     axis: int | None
-    scale: torch.Tensor  # 2**(F + k - 1): x onto the grid of the first rounding step
-    inv: torch.Tensor  # 2**-F: codes back to values
-    neg_step: float | torch.Tensor  # -2**-(F + k - 1): the scaled input back to x, negated
-    first: Callable[..., torch.Tensor]  # torch.floor / ceil / trunc / round
-    second: str  # "up": floor((m + 1) / 2); "down": floor(m / 2); "": the code is m
-    code_lo: float  # range of m whose code lies in the type's code range
-    code_hi: float
-    big: float  # stands in for NaN and infinities: an integer beyond [code_lo, code_hi], exact
-    zero_fix: bool  # the code can be -0.0: add +0.0 (cast returns +0.0)
-    # 0-dim tensors on x's device: a Python number passed to mul/add/bitwise_and is wrapped into a
-    # new tensor on every call, which costs more than the operation itself on a small tensor.
-    half: torch.Tensor
-    zero: torch.Tensor
-    sign_mask: torch.Tensor  # int of the float's width with only the sign bit set
-    grad_factors: dict  # grad_scale -> -ln2 * grad_scale as a 0-dim tensor, filled by backward
+    spec: FloatSpec
+    scale: float | torch.Tensor  # 2**F times the rounding grid (kernels.scaled)
+    inv: float | torch.Tensor  # 2**-F: codes back to values
+    low: float | torch.Tensor  # the saturated values lo * 2**-F and hi * 2**-F (NaN's result)
+    high: float | torch.Tensor
+    negative_frac: bool  # some F < 0: x * 2**F may underflow (kernels.scaled)
 
 
-def _fast_cast(x: torch.Tensor, c: _FastConsts, keep_scaled: bool
-               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(xq, scaled, inside): ``cast(x, T)`` bit for bit for the types ``FixedQuantizer._fast_consts``
-    accepts, with ``inside`` = 1.0 where the rounded code lies in the code range (0.0 elsewhere, NaN
-    included) and ``scaled`` = ``x * 2**(F + k - 1)`` with NaN and infinities replaced by finite
-    values (so it is x scaled exactly where ``inside``), kept only when asked for.
+def _fast_cast(x: torch.Tensor, c: _FastConsts, want_inside: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(xq, inside): ``cast(x, T)`` bit for bit from kernels.py's arithmetic (saturating float-path
+    types in x's own dtype), and with ``want_inside`` a float mask, 1.0 where the rounded code lies
+    in the code range (0.0 elsewhere, NaN included)."""
+    s = c.spec
+    codes = round_(scaled(x, c.scale, x.dtype, c.negative_frac), s.q)
+    inside = None
+    if want_inside:
+        clamped = torch.clamp(codes, s.lo, s.hi)
+        inside = torch.eq(codes, clamped, out=codes)  # float 1.0 / 0.0: boolean masks are slower on CPU
+        codes = clamped
+    else:
+        codes.clamp_(s.lo, s.hi)
+    return fix_nan_(to_values_(codes, c.inv), x, s, c.low, c.high), inside
 
-    Exactness: ``x * 2**(F + k - 1)`` is exact (F >= 0 and the work dtype is x's, as in ``cast``)
-    or overflows to an infinity. NaN and infinities become ``±big``, NaN keeping its sign bit (``cast``
-    reads NaN as an infinity of its sign); like every other value beyond the range it saturates.
-    Saturation commutes with rounding (the bounds are integers), so the code range is clamped on
-    the first rounding's result. The rounding only floors, ceils, truncates or rounds half to even,
-    all exact: ``AP_RND`` is ``floor((floor(2y) + 1) / 2)`` and ``AP_RND_MIN_INF`` is
-    ``floor(ceil(2y) / 2)``, which avoid ``floor(y + 0.5)`` (wrong where ``y + 0.5`` rounds up to an
-    integer). The clamped intermediates are integers or halves of integers below ``2**p``.
-    """
-    t = torch.mul(x, c.scale)
-    scaled = torch.nan_to_num(t, nan=c.big, posinf=c.big, neginf=-c.big)
-    sign = t.view(c.sign_mask.dtype).bitwise_and_(c.sign_mask)
-    scaled.view(c.sign_mask.dtype).bitwise_or_(sign)  # -NaN -> -big; a no-op elsewhere
-    m = c.first(scaled, out=t) if keep_scaled else c.first(scaled, out=scaled)
-    code = torch.clamp(m, c.code_lo, c.code_hi)
-    inside = torch.eq(m, code, out=m)  # float 1.0 / 0.0: boolean tensors are far slower on CPU
-    if c.second == "up":
-        torch.add(c.half, code, alpha=0.5, out=code).floor_()  # (m + 1) / 2, exact; never -0.0
-    elif c.second == "down":
-        code.mul_(c.half).floor_()
-    code.mul_(c.inv)
-    if c.zero_fix:
-        code.add_(c.zero)
-    return code, (scaled if keep_scaled else None), inside
+
+def _pow2(e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``2**e`` for integer-valued ``e`` in the normal range of ``dtype``, built from its exponent bits:
+    inductor inlines this scalar into every vector iteration of a fused loop, where ``exp2`` costs
+    more than the cast itself."""
+    bits, bias, int_dtype = (23, 127, torch.int32) if dtype == torch.float32 else (52, 1023, torch.int64)
+    return ((e.to(int_dtype) + bias) << bits).view(dtype)
 
 
 class _FastSTE(torch.autograd.Function):
-    """``_BinaryPointSTE`` for a saturating type on the ``_fast_cast`` path: the same gradients,
-    from float masks. Outside the range ``xq`` is the saturated value, which is the LSQ term there."""
+    """``_BinaryPointSTE`` for a saturating type on the fast path: the same gradients, from a float
+    mask. Outside the range ``xq`` is the saturated value, which is the LSQ term there."""
 
     @staticmethod
     def forward(ctx, x, frac, consts, grad_scale):
-        learn = ctx.needs_input_grad[1]
-        xq, scaled, inside = _fast_cast(x, consts, keep_scaled=learn)
-        if learn:
-            ctx.save_for_backward(inside, scaled, xq)
-        elif ctx.needs_input_grad[0]:
-            ctx.save_for_backward(inside)
-        ctx.consts, ctx.grad_scale, ctx.frac_dtype = consts, grad_scale, frac.dtype
+        xq, inside = _fast_cast(x, consts, want_inside=True)
+        ctx.save_for_backward(inside, x, xq)
+        ctx.consts, ctx.grad_scale, ctx.frac_meta = consts, grad_scale, (frac.shape, frac.dtype)
         return xq
 
     @staticmethod
     def backward(ctx, grad):
-        grad_x = grad_frac = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad * ctx.saved_tensors[0]
+        inside, x, xq = ctx.saved_tensors
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_frac = None
         if ctx.needs_input_grad[1]:
-            inside, scaled, xq = ctx.saved_tensors
-            c = ctx.consts
-            # d xq / d log2(s), over ln2: xq - x inside the range (scaled * -step is exactly -x
-            # there, so the difference is rounded once, as in _BinaryPointSTE), xq outside it.
-            if c.axis is None:
-                d = torch.addcmul(xq, scaled, inside, value=c.neg_step)
-                total = torch.dot(grad.reshape(-1), d.reshape(-1))
-            else:
-                d = torch.mul(scaled, c.neg_step).mul_(inside).add_(xq).mul_(grad)
-                total = d.sum(dim=[i for i in range(d.dim()) if i != c.axis])
-            factor = c.grad_factors.get(ctx.grad_scale)
-            if factor is None:
-                factor = c.grad_factors[ctx.grad_scale] = torch.tensor(
-                    -LN2 * ctx.grad_scale, dtype=total.dtype, device=total.device)
-            grad_frac = total.mul_(factor)
-            if grad_frac.dtype != ctx.frac_dtype:
-                grad_frac = grad_frac.to(ctx.frac_dtype)
+            axis = ctx.consts.axis
+            dims = None if axis is None else [i for i in range(x.dim()) if i != axis]
+            # d xq / d log2(s), over ln2: xq - x inside the range, xq outside it, so the sum of
+            # grad * d is <grad, xq> - <grad_x, x>: two reductions, no new tensor the size of x.
+            total = None
+            if lazy_nan():  # eager; traced, the one-expression form below fuses into one loop
+                g_in = grad_x if grad_x is not None else grad * inside
+                if axis is None:
+                    total = torch.dot(grad.reshape(-1), xq.reshape(-1)) - torch.dot(g_in.reshape(-1), x.reshape(-1))
+                else:
+                    total = torch.addcmul(grad * xq, g_in, x, value=-1.0).sum(dim=dims)
+            if total is None or not (total.device.type == "cpu" and bool(torch.isfinite(total).all())):
+                # x * 0.0 is NaN where x is not finite, and the formula wants 0 there
+                d = torch.where(inside != 0, xq - x, xq).mul_(grad)
+                total = d.sum() if axis is None else d.sum(dim=dims)
+            shape, dtype = ctx.frac_meta
+            grad_frac = total.mul_(-LN2 * ctx.grad_scale).to(dtype).reshape(shape)
         return grad_x, grad_frac, None, None
 
 
@@ -293,17 +271,38 @@ class BinaryPointQuantizer(nn.Module):
         if not self.enabled:
             return x
         axis = self._axis(x)
-        plan = self._plan(x, axis)
         per_channel = max(x.numel() // self.num_channels, 1)
         grad_scale = 1.0 / math.sqrt(per_channel * max(self._code_bounds()[1], 1))
+        if torch.compiler.is_compiling() and self._traced_ok(x):
+            return self._traced_forward(x, axis, grad_scale)
+        plan = self._plan(x, axis)
         if plan.fast is not None and self.fast_path:
             frac = self.frac
             if torch.is_grad_enabled() and (x.requires_grad or frac.requires_grad):
                 return _FastSTE.apply(x, frac, plan.fast, grad_scale)
-            return _fast_cast(x, plan.fast, keep_scaled=False)[0]
+            return _fast_cast(x, plan.fast, want_inside=False)[0]
         fracs = plan.fracs
         return _BinaryPointSTE.apply(x, self.frac, lambda v: self._quantize_with(v, fracs, axis), plan.lo,
                                      plan.hi, axis, self._saturating, grad_scale)
+
+    def _traced_ok(self, x: torch.Tensor) -> bool:
+        return False
+
+    def _traced_forward(self, x: torch.Tensor, axis: int | None, grad_scale: float) -> torch.Tensor:
+        """The fast path with the binary points as tensors (``torch.compile``: no read-back of
+        ``frac``, no recompile when a binary point moves); the same kernels and gradients."""
+        spec = self._spec
+        f = torch.round(self.frac.detach().clamp(-MAX_ABS_FRAC, MAX_ABS_FRAC))  # half to even
+        if axis is not None:
+            shape = [1] * x.dim()
+            shape[axis] = self.num_channels
+            f = f.reshape(shape)
+        inv = _pow2(-f, x.dtype)
+        consts = _FastConsts(axis, spec, _pow2(f + math.log2(spec.grid), x.dtype), inv, inv * spec.lo, inv * spec.hi,
+                             x.dtype == torch.float64)
+        if torch.is_grad_enabled() and (x.requires_grad or self.frac.requires_grad):
+            return _FastSTE.apply(x, self.frac, consts, grad_scale)
+        return _fast_cast(x, consts, want_inside=False)[0]
 
     def _plan(self, x: torch.Tensor, axis: int | None) -> _Plan:
         """The cached plan, rebuilt when ``frac`` changed (reading its integers back) or x's dtype,
@@ -521,9 +520,8 @@ class FixedQuantizer(BinaryPointQuantizer):
         o_eff = OverflowMode.SAT if (self.o is OverflowMode.WRAP_SM and not self.signed) else self.o
         self._saturating = o_eff in (OverflowMode.SAT, OverflowMode.SAT_SYM, OverflowMode.SAT_ZERO)
         self._bounds = (base.sat_min_code if o_eff is OverflowMode.SAT_SYM else base.int_min, base.int_max)
-        self._fast_rounding = None
-        if o_eff in (OverflowMode.SAT, OverflowMode.SAT_SYM) and not _needs_int_path(base):
-            self._fast_rounding = _FAST_ROUNDING.get(self.q)
+        self._spec = None if needs_int_path(base) else float_spec(base)
+        self._fast_ok = self._spec is not None and o_eff in (OverflowMode.SAT, OverflowMode.SAT_SYM)
 
     def _type(self, f: int) -> FixedType:
         return FixedType(self.width, self.width - f, self.signed, self.q, self.o, self.n)
@@ -532,70 +530,55 @@ class FixedQuantizer(BinaryPointQuantizer):
         return self._bounds
 
     def _fit_round(self, y: torch.Tensor) -> torch.Tensor:
-        return _round(y, self.q)[0]
+        return round_(y * float(kernels.GRID.get(self.q, 2)), self.q)
+
+    def _traced_ok(self, x: torch.Tensor) -> bool:
+        # float32 work needs 2**(F+1) finite and W <= 24 (binary points are assumed in [0, 126]
+        # there: a float32 model whose binary point left that range is not compiled exactly)
+        return self._fast_ok and (x.dtype == torch.float64 or (x.dtype == torch.float32 and self.width <= 24))
 
     def _fast_consts(self, fracs, x, axis):
-        if self._fast_rounding is None or x.dtype not in _FAST_DTYPES:
+        if not self._fast_ok or x.dtype not in (torch.float32, torch.float64):
             return None
-        bits, max_frac, int_dtype = _FAST_DTYPES[x.dtype]
-        if self.width > bits or min(fracs) < 0 or max(fracs) > max_frac:
-            return None  # cast() would work in float64, or x * 2**F could underflow
-        k, first, second = self._fast_rounding
-        lo, hi = self._bounds
-        code_lo, code_hi = {"": (lo, hi), "up": (2 * lo - 1, 2 * hi), "down": (2 * lo, 2 * hi + 1)}[second]
-        big = max(-code_lo, code_hi) + 2
-        if big > 2**bits:
-            return None  # the scaled grid would not be exact in this dtype
+        if any(work_dtype(x.dtype, self._type(f)) != x.dtype for f in (min(fracs), max(fracs))):
+            return None  # cast() would work in float64
+        spec = self._spec
+        if len(fracs) == 1:
+            f = fracs[0]
+            return _FastConsts(axis, spec, math.ldexp(spec.grid, f), math.ldexp(1.0, -f), math.ldexp(spec.lo, -f),
+                               math.ldexp(spec.hi, -f), f < 0)
 
-        def const(values: list[float], dtype: torch.dtype = x.dtype) -> torch.Tensor:
-            return self._per_channel(values, x, axis if len(values) > 1 else None, dtype)
+        def const(values: list[float]) -> torch.Tensor:
+            return self._per_channel(values, x, axis, x.dtype)
 
-        neg = [-math.ldexp(1.0, -(f + k - 1)) for f in fracs]
-        return _FastConsts(
-            axis, const([math.ldexp(1.0, f + k - 1) for f in fracs]), const([math.ldexp(1.0, -f) for f in fracs]),
-            neg[0] if axis is None else const(neg), first, second, float(code_lo), float(code_hi), float(big),
-            zero_fix=second != "up", half=const([0.5]), zero=const([0.0]),
-            sign_mask=const([-(1 << (8 * x.element_size() - 1))], int_dtype), grad_factors={})
+        return _FastConsts(axis, spec, const([math.ldexp(spec.grid, f) for f in fracs]),
+                           const([math.ldexp(1.0, -f) for f in fracs]), const([math.ldexp(spec.lo, -f) for f in fracs]),
+                           const([math.ldexp(spec.hi, -f) for f in fracs]), min(fracs) < 0)
 
     def _quantize_with(self, x, fracs, axis):
         lo, hi = self._bounds
-        exact = not (_needs_int_path(self._base) or self.width > 53)
-        if exact and x.dtype == torch.float32 and self.width <= 24 and all(0 <= f <= 126 for f in fracs):
-            dtype = torch.float32  # what cast() picks: every intermediate is exact in float32
-        else:
-            dtype = torch.float64
-        y = x.to(dtype)
+        s = self._spec
+        # NaN read as an infinity of its sign, as cast() does: it decides the state's side
+        y = x.to(torch.float64 if s is None else max((work_dtype(x.dtype, self._type(f)) for f in fracs),
+                                                    key=lambda d: d.itemsize))
         y = torch.where(torch.isnan(y), torch.copysign(torch.full_like(y, float("inf")), y), y)
-        y = y * self._per_channel([math.ldexp(1.0, f) for f in fracs], x, axis, dtype)
-        if min(fracs) < 0:
-            # x * 2**F may underflow to zero; the rounding only needs the sign of a tiny value.
-            y = torch.where((y == 0) & (x != 0), torch.copysign(torch.full_like(y, _TINY), x.to(dtype)), y)
-        qv, _ = _round(y, self.q)
+        grid = float(kernels.GRID.get(self.q, 2))
+        qv = round_(scaled(y, self._per_channel([math.ldexp(grid, f) for f in fracs], x, axis, y.dtype), y.dtype,
+                           min(fracs) < 0), self.q)
         state = (qv > hi).to(torch.int8) - (qv < lo).to(torch.int8)
-        if not exact:
+        if s is None:
             # Bit-level overflow modes and wide types: cast() itself, channel by channel.
             if axis is None:
                 return cast(x, self._type(fracs[0])), state
             parts = [cast(x.select(axis, c), self._type(f)) for c, f in enumerate(fracs)]
             return torch.stack(parts, dim=axis), state
-        qv = _overflow_float(qv, self._base)
-        inv = self._per_channel([math.ldexp(1.0, -f) for f in fracs], x, axis, dtype)
-        return (qv * inv + 0.0).to(x.dtype), state
-
-
-# Rounding modes of the fast path: (k, first rounding, second step); see _fast_cast.
-_FAST_ROUNDING = {
-    QuantMode.RND: (2, torch.floor, "up"),
-    QuantMode.RND_MIN_INF: (2, torch.ceil, "down"),
-    QuantMode.TRN: (1, torch.floor, ""),
-    QuantMode.TRN_ZERO: (1, torch.trunc, ""),
-    QuantMode.RND_CONV: (1, torch.round, ""),
-}
-# dtype: (significand bits, largest F with an exact float path in cast(), the int of the same width)
-_FAST_DTYPES = {
-    torch.float32: (24, 126, torch.int32),
-    torch.float64: (53, MAX_ABS_FRAC, torch.int64),
-}
+        inv = self._per_channel([math.ldexp(1.0, -f) for f in fracs], x, axis, y.dtype)
+        fl = None
+        if kernels.needs_floor(s):
+            fl = scaled(y, self._per_channel([math.ldexp(1.0, f) for f in fracs], x, axis, y.dtype), y.dtype,
+                        min(fracs) < 0).floor_()
+        out = fix_nan_(to_values_(overflow_(qv, s, fl), inv), y, s, 0.0, 0.0)  # only AP_WRAP's inf - inf is NaN
+        return out.to(x.dtype), state
 
 
 def _extremes(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
