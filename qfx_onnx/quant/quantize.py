@@ -20,6 +20,8 @@ The pipeline, each step a plain function:
    modes stay). A policy override with a fixed type still wins over both.
 4. :func:`insert_quantizers` splices them into the graph (an imported ``fixed_cast`` becomes
    ``identity``: its cast module does the cast); the result is a :class:`FixedPointModel`.
+5. :func:`~qfx_onnx.quant.nonlinear_specs.attach_nonlinear` gives each nonlinear op its exact
+   fixed-point definition (the policy's ``[nonlinear]`` section) from the types around it.
 
 The emulation runs in float64: every cast is exact there, and sums of products are exact while
 the lossless accumulator fits 53 bits (see :mod:`qfx_onnx.quant.typeprop`).
@@ -372,6 +374,8 @@ def quantize_graph(gm: fx.GraphModule, calib_batches: Iterable[torch.Tensor], po
                                   recalibrate_imported=recalibrate_imported)
     model = insert_quantizers(gm, sites, quantizers)
     align_bias_fracs(model)
+    from qfx_onnx.quant.nonlinear_specs import NonlinearSettings, attach_nonlinear  # it imports this module
+    attach_nonlinear(model, NonlinearSettings(**policy.nonlinear))
     return model
 
 
