@@ -265,3 +265,6 @@ layer_kind(LayerKind("concat", _method("_layer_concat"), _concat_config, _concat
                      iterations=lambda layer: sum(x.size for x in layer.inputs)))
 layer_kind(LayerKind("map", _method("_layer_map"), _map_config, _map_call))
 layer_kind(LayerKind("fanout", None, None, _fanout_call))  # --io stream copies; needs no configuration
+
+# the exact nonlinear kernels' kinds (softmax) register themselves in their own module
+from qfx_onnx.hls import nonlinear_kinds  # noqa: E402,F401
