@@ -6,7 +6,8 @@ is first assigned to the kernel's ``in_t`` (the op's index cast, an identity whi
 is the one the spec was made for), and each result goes through the layer's fused epilogue (the
 cast after the op). The kernel's config struct (types and tables) comes from
 :func:`~qfx_onnx.nonlinear.cpp_emit.softmax_struct` of the op's spec, so the C++ is the emulation's
-definition bit for bit. The estimate counts its tables (:func:`table_bits`).
+definition bit for bit. The estimate counts its tables (``params.tables``) and its ``n``
+products per row.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from qfx_onnx.errors import ExportError
 from qfx_onnx.hls.fxutil import label, op_name
 from qfx_onnx.hls.kinds import LayerKind, layer_kind
-from qfx_onnx.hls.model import Layer
+from qfx_onnx.hls.model import Layer, Products
 from qfx_onnx.nonlinear import wiring
 from qfx_onnx.nonlinear.cpp_emit import softmax_struct
 
@@ -35,11 +36,10 @@ class SoftmaxParams:
     def config(self):
         return wiring.build("softmax", self.spec)
 
-
-def table_bits(layer: Layer) -> int:
-    """Bits of the lookup tables a nonlinear layer stores (entries times width)."""
-    cfg = layer.params.config
-    return cfg.exp.bits + cfg.reciprocal.bits
+    @property
+    def tables(self) -> list:
+        """The LookupTables the layer stores (the estimate counts their bits, BRAM or LUT)."""
+        return [self.config.exp, self.config.reciprocal]
 
 
 def _check_softmax(builder, node, data) -> None:
@@ -58,8 +58,11 @@ def _build_softmax(builder, ident, group, out) -> Layer:
     shape = builder.shape(x)
     spec = node.kwargs["fixed"]
     params = SoftmaxParams(int(np.prod(shape[:-1])), int(shape[-1]), spec)
-    head = builder.ctype(node, "accumulator", params.config.out_type)
-    return Layer(ident, "softmax", [builder.buffer(x)], out, head, params=params)
+    cfg = params.config
+    head = builder.ctype(node, "accumulator", cfg.out_type)
+    size = params.rows * params.n  # one product e_j * r per element
+    products = [Products(size, params.n, params.rows, cfg.exp.out_type, cfg.reciprocal.out_type)]
+    return Layer(ident, "softmax", [builder.buffer(x)], out, head, params=params, products=products)
 
 
 def _softmax_config(layer: Layer, options: dict):
