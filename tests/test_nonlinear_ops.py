@@ -41,7 +41,7 @@ POSITIVE = ["Sqrt", "Reciprocal"]  # on h*h + 1
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _model(with_div_and_layer_norm: bool = True) -> onnx.ModelProto:
+def _model(div: bool = True, layer_norm: bool = True) -> onnx.ModelProto:
     """x -> MatMul -> h; every op of ONE_INPUT on h, Sqrt and Reciprocal on h*h + 1, and (optionally)
     h / (h*h + 1) and LayerNormalization(h): one output each."""
     rng = np.random.default_rng(0)
@@ -55,12 +55,14 @@ def _model(with_div_and_layer_norm: bool = True) -> onnx.ModelProto:
         nodes.append(helper.make_node(op, ["p"], [f"z{i}"], name=op.lower()))
     inits = [w, helper.make_tensor("one", TP.FLOAT, [], [1.0])]
     names = [f"y{i}" for i in range(len(ONE_INPUT))] + [f"z{i}" for i in range(len(POSITIVE))]
-    if with_div_and_layer_norm:
-        nodes += [helper.make_node("Div", ["h", "p"], ["d"], name="div"),
-                  helper.make_node("LayerNormalization", ["h", "g", "b"], ["ln"], name="ln", axis=-1, epsilon=1e-5)]
+    if div:
+        nodes.append(helper.make_node("Div", ["h", "p"], ["d"], name="div"))
+        names.append("d")
+    if layer_norm:
+        nodes.append(helper.make_node("LayerNormalization", ["h", "g", "b"], ["ln"], name="ln", axis=-1, epsilon=1e-5))
         inits += [helper.make_tensor("g", TP.FLOAT, [N], np.linspace(0.5, 1.5, N)),
                   helper.make_tensor("b", TP.FLOAT, [N], np.linspace(-0.2, 0.2, N))]
-        names += ["d", "ln"]
+        names.append("ln")
     outs = [helper.make_tensor_value_info(n, TP.FLOAT, ["N", N]) for n in names]
     graph = helper.make_graph(nodes, "nl", [helper.make_tensor_value_info("x", TP.FLOAT, ["N", N])], outs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
@@ -100,7 +102,7 @@ def test_the_emulation_is_the_table_not_the_float_function():
     x = _inputs(256)
     policy = load_policy(None, act_bits=10)
     policy.nonlinear = {"table_bits": 4}
-    fm = quantize(_model(False), x, policy=policy)
+    fm = quantize(_model(div=False, layer_norm=False), x, policy=policy)
     node = next(n for n in fm.graph_module.graph.nodes if n.op == "call_function" and op_of(n.target).name == "sigmoid")
     table = wiring.build("sigmoid", node.kwargs["fixed"])
     assert table.size == 16
@@ -124,7 +126,7 @@ def test_exact_false_keeps_float_evaluation_and_verify_says_so():
     x = _inputs()
     policy = load_policy(None, act_bits=10)
     policy.nonlinear = {"exact": False}
-    fm = quantize(_model(False), x, policy=policy)
+    fm = quantize(_model(div=False, layer_norm=False), x, policy=policy)
     assert not _specs(fm)
     checks = {c.tensor: c for c in verify_annotated(fm, build_annotated(fm), x).layers}
     assert not checks["y6"].predicted_exact and "float32" in checks["y6"].reason
@@ -134,7 +136,7 @@ def test_policy_nonlinear_section(tmp_path):
     good = tmp_path / "p.toml"
     good.write_text("[nonlinear]\ntable_bits = 6\nexp_bits = 8\n")
     policy = load_policy(good)
-    fm = quantize(_model(False), _inputs(), policy=policy)
+    fm = quantize(_model(div=False, layer_norm=False), _inputs(), policy=policy)
     specs = _specs(fm)
     assert "bits=6" in specs["sigmoid0"] and "exp_bits=8" in specs["softmax6"]
     bad = tmp_path / "bad.toml"
@@ -143,10 +145,11 @@ def test_policy_nonlinear_section(tmp_path):
         load_policy(bad)
 
 
-def test_hls_csim_bit_exact_for_every_table_op_and_softmax(tmp_path):
-    """One C-simulation: sigmoid, tanh, exp, erf, both GELUs, softmax, sqrt and reciprocal."""
+def test_hls_csim_bit_exact_for_every_table_op_softmax_and_layer_norm(tmp_path):
+    """One C-simulation: sigmoid, tanh, exp, erf, both GELUs, softmax, sqrt, reciprocal and
+    LayerNormalization (division by an activation has no HLS form yet)."""
     x = _inputs()
-    fm = quantize(_model(False), x, act_bits=8)
+    fm = quantize(_model(div=False), x, act_bits=8)
     result = export_hls(fm, tmp_path / "prj", data=(x,), n_vectors=64, csim=True)
     assert result.csim.passed and result.csim.mismatches == 0
     softmax = next(e for e in result.report["layers"] if e["kind"] == "softmax")
@@ -154,6 +157,8 @@ def test_hls_csim_bit_exact_for_every_table_op_and_softmax(tmp_path):
     cfg = wiring.build("softmax", _specs(fm)["softmax6"])
     assert softmax["weight_bits"] == cfg.exp.bits + cfg.reciprocal.bits
     assert sum(m["count"] for m in softmax["multiplies"].values()) == N
+    ln = next(e for e in result.report["layers"] if e["kind"] == "layer_norm")
+    assert ln["weight_bits"] >= wiring.build("layer_norm", _specs(fm)["ln"]).rsqrt.bits
 
 
 # ------------------------------------------------------------------------------------ the shipped cnn + Softmax

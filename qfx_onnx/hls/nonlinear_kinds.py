@@ -1,4 +1,4 @@
-"""Layer kinds of the exact nonlinear kernels: ``softmax`` (and the header they share).
+"""Layer kinds of the exact nonlinear kernels: ``softmax`` and ``layer_norm`` (one shared header).
 
 A softmax layer runs :func:`~qfx_onnx.nonlinear.kernels.softmax_exact` row by row over the last
 axis with ``qfx_nl::softmax_stable`` (``qfx_onnx/nonlinear/cpp/nnet_qfx_nonlinear.h``): each row
@@ -7,7 +7,8 @@ is the one the spec was made for), and each result goes through the layer's fuse
 cast after the op). The kernel's config struct (types and tables) comes from
 :func:`~qfx_onnx.nonlinear.cpp_emit.softmax_struct` of the op's spec, so the C++ is the emulation's
 definition bit for bit. The estimate counts its tables (``params.tables``) and its ``n``
-products per row.
+products per row. A layer_norm layer runs ``qfx_nl::layer_norm`` the same way, with its scale
+and bias (weights) copied into the kernel's ``gamma_t``/``beta_t`` (the spec's casts of them).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from qfx_onnx.hls.fxutil import label, op_name
 from qfx_onnx.hls.kinds import LayerKind, layer_kind
 from qfx_onnx.hls.model import Layer, Products
 from qfx_onnx.nonlinear import wiring
-from qfx_onnx.nonlinear.cpp_emit import softmax_struct
+from qfx_onnx.nonlinear.cpp_emit import layer_norm_struct, softmax_struct
 
 HEADER = "nnet_qfx_nonlinear.h"  # found beside the templates by qfx_onnx.hls.files.header
 
@@ -45,8 +46,8 @@ class SoftmaxParams:
 def _check_softmax(builder, node, data) -> None:
     spec = node.kwargs.get("fixed")
     if not spec:
-        raise ExportError(f"node {label(node)} ({op_name(node)}): a softmax needs its exact fixed-point "
-                          "definition (quantize with [nonlinear] exact = true)")
+        raise ExportError(f"node {label(node)} ({op_name(node)}): no HLS form for a Softmax without its exact "
+                          "fixed-point definition (quantize with [nonlinear] exact = true)")
     shape = builder.shape(node.args[0])
     if node.kwargs.get("axis", -1) % len(shape) != len(shape) - 1:
         raise ExportError(f"node {label(node)} (softmax): only a softmax over the last axis has an HLS form")
@@ -88,3 +89,77 @@ def _softmax_call(layer: Layer, cfg: str, array) -> list[str]:
 
 layer_kind(LayerKind("softmax", _build_softmax, _softmax_config, _softmax_call,
                      iterations=lambda layer: layer.params.rows, check=_check_softmax, header=HEADER))
+
+
+# ------------------------------------------------------------------------------------ layer_norm
+@dataclass
+class LayerNormParams:
+    rows: int
+    n: int
+    spec: str
+    has_bias: bool
+
+    @property
+    def config(self):
+        return wiring.build("layer_norm", self.spec)
+
+    @property
+    def tables(self) -> list:
+        return [self.config.rsqrt]
+
+
+def _check_layer_norm(builder, node, data) -> None:
+    if not node.kwargs.get("fixed"):
+        raise ExportError(f"node {label(node)} ({op_name(node)}): no HLS form for a LayerNormalization without "
+                          "its exact fixed-point definition (over the last axis, scale and bias constant)")
+    if len(data) != 1 or node.args[0] is not data[0]:
+        raise ExportError(f"node {label(node)} (layer_norm): the scale and bias must be constants")
+
+
+def _build_layer_norm(builder, ident, group, out) -> Layer:
+    node = group.head
+    x = node.args[0]
+    shape = builder.shape(x)
+    bias = node.args[2] if len(node.args) > 2 else None
+    params = LayerNormParams(int(np.prod(shape[:-1])), int(shape[-1]), node.kwargs["fixed"], bias is not None)
+    cfg = params.config
+    head = builder.ctype(node, "accumulator", cfg.out_type)
+    inputs = [builder.buffer(x), builder.constant(node.args[1], "weight")]
+    if bias is not None:
+        inputs.append(builder.constant(bias, "bias"))
+    size = params.rows * params.n
+    products = [Products(size, params.n, params.rows, cfg.centered_type, cfg.centered_type),  # c * c
+                Products(size, params.n, params.rows, cfg.centered_type, cfg.rsqrt.out_type),  # c * r
+                Products(size, params.n, params.rows, cfg.norm_type, cfg.gamma_type)]  # z * gamma
+    return Layer(ident, "layer_norm", inputs, out, head, params=params, products=products)
+
+
+def _layer_norm_config(layer: Layer, options: dict):
+    p = layer.params
+    kernel = f"{layer.ident}_layer_norm"
+    x, gamma = layer.inputs[0], layer.inputs[1]
+    beta = layer.inputs[2] if p.has_bias else None
+    size = p.rows * p.n
+    beta_arg = f", const {beta.ctype.ident} b[{p.n}]" if beta is not None else ""
+    beta_val = "b[j]" if beta is not None else "0"
+    run = (f"struct config_{layer.ident}_run : config_{layer.ident} {{\n"
+           f"static void run(const {x.ctype.ident} x[{size}], const {gamma.ctype.ident} g[{p.n}]{beta_arg}, "
+           f"res_t y[{size}]) {{\n"
+           f"  {kernel}::gamma_t gk[{p.n}];\n  {kernel}::beta_t bk[{p.n}];\n"
+           f"  for (int j = 0; j < {p.n}; j++) {{ gk[j] = g[j]; bk[j] = {beta_val}; }}\n"
+           f"  for (int r = 0; r < {p.rows}; r++) {{\n"
+           f"    {kernel}::in_t xi[{p.n}];\n    {kernel}::out_t yo[{p.n}];\n"
+           f"    for (int j = 0; j < {p.n}; j++) xi[j] = x[r * {p.n} + j];\n"
+           f"    qfx_nl::layer_norm<{kernel}>(xi, gk, bk, yo);\n"
+           f"    for (int j = 0; j < {p.n}; j++) y[r * {p.n} + j] = epilogue(head_t(yo[j]), r * {p.n} + j);\n"
+           f"  }}\n}}\n}};")
+    return [], [layer_norm_struct(p.config, kernel), run], set()
+
+
+def _layer_norm_call(layer: Layer, cfg: str, array) -> list[str]:
+    args = ", ".join(array(b) for b in layer.inputs)
+    return [f"{cfg}_run::run({args}, {array(layer.output)});"]
+
+
+layer_kind(LayerKind("layer_norm", _build_layer_norm, _layer_norm_config, _layer_norm_call,
+                     iterations=lambda layer: layer.params.rows, check=_check_layer_norm, header=HEADER))

@@ -72,12 +72,20 @@ def emit_exact(w, node, out: str, name: str) -> None:
     entry.key, entry.value = NL_KEY, json.dumps({"ir_op": op, "inputs": inputs, "kwargs": kwargs})
 
 
-def collapse_exact(model: onnx.ModelProto) -> onnx.ModelProto:
+def collapse_exact(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.ValueInfoProto]]:
     """A copy of ``model`` with every tagged exact emission back to one ``qfx.nonlinear`` node
-    (see the module docstring); ``model`` itself if it has none."""
+    (see the module docstring; ``model`` itself if it has none), and the inferred types of those
+    nodes' outputs (ONNX shape inference knows nothing of the ``qfx.nonlinear`` domain: give them
+    back to the graph, :func:`restore_types`, so the shapes after them stay known)."""
     tagged = [n for n in model.graph.node if any(p.key == NL_KEY for p in n.metadata_props)]
     if not tagged:
-        return model
+        return model, []
+    outputs = {o for n in tagged for o in n.output}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
+    except Exception:  # noqa: BLE001 - without shapes the importer names what it is missing
+        inferred = []
+    typed = [v for v in inferred if v.name in outputs]
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -105,7 +113,15 @@ def collapse_exact(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.initializer[:]
     graph.initializer.extend(tables)
     out.opset_import.append(helper.make_opsetid(NL_DOMAIN, 1))
-    return out
+    return out, typed
 
 
-__all__ = ["NL_DOMAIN", "NL_KEY", "collapse_exact", "emit_exact"]
+def restore_types(model: onnx.ModelProto, typed: list[onnx.ValueInfoProto], rename: dict[str, str]) -> None:
+    """Add ``typed`` (from :func:`collapse_exact`, names mapped through ``rename``) to the graph's value_info."""
+    for value in typed:
+        entry = model.graph.value_info.add()
+        entry.CopyFrom(value)
+        entry.name = rename.get(value.name, value.name)
+
+
+__all__ = ["NL_DOMAIN", "NL_KEY", "collapse_exact", "emit_exact", "restore_types"]

@@ -25,8 +25,7 @@ from qfx_onnx.ir.opdef import HlsForm, NoHls, ir_op
 from qfx_onnx.nonlinear.wiring import evaluate
 
 
-@ir_op("nonlinear", "LayerNormalization", emit=emit_nonlinear(),
-       hls=NoHls("no HLS form for LayerNormalization yet (its emulation and ONNX form are exact)"))
+@ir_op("nonlinear", "LayerNormalization", emit=emit_nonlinear(), hls=HlsForm.head("layer_norm"))
 def layer_norm(x, scale, bias=None, *, axis, epsilon, fixed=None):
     """ONNX LayerNormalization (opset 17): over the dims ``axis .. rank-1`` (``axis`` non-negative),
     ``(x - mean) / sqrt(var + epsilon) * scale + bias`` with ``var`` the biased (population)
