@@ -204,3 +204,32 @@ def test_cnn_with_softmax_head_quantize_finetune_export_csim(cnn_softmax, tmp_pa
     report = json.loads(r.stdout)
     assert report["csim"]["passed"] and report["csim"]["mismatches"] == 0
     assert any(layer["kind"] == "softmax" for layer in report["estimate"]["layers"])
+
+
+def test_specs_follow_learned_types_and_casts_off_is_float():
+    """A learned binary point of an op's input: the op still reads its table through its own
+    index cast (exact in onnxruntime), and refresh_nonlinear (finetune runs it) rebuilds the spec for
+    the new type. With the casts off the ops evaluate in float."""
+    from qfx_onnx.quant.nonlinear_specs import refresh_nonlinear
+
+    x = _inputs()
+    fm = quantize(_model(div=False, layer_norm=False), x, act_bits=8)
+    before = _specs(fm)
+    h = fm.quantizers()["h"]
+    with torch.no_grad():
+        h.frac += 1.0  # one more fractional bit on h
+    stale = {c.tensor: c for c in verify_annotated(fm, build_annotated(fm), x).layers}
+    assert all(stale[t].mismatches == 0 and stale[t].predicted_exact for t in ("y0", "y6"))
+    assert refresh_nonlinear(fm) == len(before)
+    after = _specs(fm)
+    want = f"in={wiring.index_type(h.frozen_types()[0])}"
+    assert want not in before["sigmoid0"] and want in after["sigmoid0"] and want in after["softmax6"]
+    assert all(c.mismatches == 0 for c in verify_annotated(fm, build_annotated(fm), x).layers)
+
+    fm.set_casts_enabled(False)
+    assert not _specs(fm)
+    y = fm.predict(x)[6]
+    fm.set_casts_enabled(True)
+    assert _specs(fm) == after
+    h_float = x.to(torch.float64) @ torch.from_numpy(onnx.numpy_helper.to_array(_model().graph.initializer[0])).to(torch.float64)
+    torch.testing.assert_close(y, torch.softmax(h_float, -1), rtol=0, atol=1e-6)

@@ -130,11 +130,37 @@ def _record_shapes(model: FixedPointModel) -> None:
 
     was = model.training
     model.eval()
+    param = next(gm.parameters(), None)
+    dtype, device = (param.dtype, param.device) if param is not None else (torch.float64, torch.device("cpu"))
     with torch.no_grad():
-        _Probe(gm).run(*[x.to(next((p.dtype for p in gm.parameters()), torch.float64)) for x in examples])
+        _Probe(gm).run(*[x.to(device, dtype) for x in examples])
     model.train(was)
     for n, shape in shapes.items():
         n.meta["qfx_shape"] = shape
+
+
+def settings_of(model: FixedPointModel) -> NonlinearSettings | None:
+    """The settings the model's specs were made with (table sizes; ``guard_bits`` the default),
+    None when it has no spec (a float-evaluated model stays so)."""
+    found: dict[str, int] = {}
+    for node in model.graph_module.graph.nodes:
+        text = node.kwargs.get("fixed") if node.op == "call_function" else None
+        if not text:
+            continue
+        f = wiring.parse_spec(text)
+        name = op_of(node.target).name
+        for key, field in (("bits", "table_bits"), ("exp_bits", "exp_bits"), ("recip_bits", "reciprocal_bits"),
+                           ("rsqrt_bits", "rsqrt_bits")):
+            if key in f and (key != "bits" or name in wiring.TABLE_OPS):
+                found.setdefault(field, int(f[key]))
+    return NonlinearSettings(**found) if found else None
+
+
+def refresh_nonlinear(model: FixedPointModel) -> int:
+    """Rebuild the specs of a model that has them for its current types (after finetune moved
+    binary points or changed widths), with the table sizes it had; returns how many ops have one."""
+    settings = settings_of(model)
+    return attach_nonlinear(model, settings) if settings is not None else 0
 
 
 def attach_nonlinear(model: FixedPointModel, settings: NonlinearSettings | None = None) -> int:
@@ -164,4 +190,4 @@ def attach_nonlinear(model: FixedPointModel, settings: NonlinearSettings | None 
     return count
 
 
-__all__ = ["NonlinearSettings", "attach_nonlinear", "spec_for"]
+__all__ = ["NonlinearSettings", "attach_nonlinear", "refresh_nonlinear", "settings_of", "spec_for"]

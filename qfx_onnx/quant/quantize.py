@@ -300,9 +300,22 @@ class FixedPointModel(nn.Module):
         return out
 
     def set_casts_enabled(self, enabled: bool) -> None:
-        """Switch every cast on or off (off: the float model, for comparisons)."""
+        """Switch every cast on or off (off: the float model, for comparisons). Off also sets
+        aside the nonlinear ops' exact definitions (``fixed`` specs, kept in ``meta``) so that
+        they evaluate in float; on puts them back."""
         for quant in self.quantizers().values():
             quant.enabled = enabled
+        changed = False
+        for node in self.graph_module.graph.nodes:
+            if not enabled and node.kwargs.get("fixed"):
+                node.meta["qfx_fixed"] = node.kwargs["fixed"]
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "fixed"}
+                changed = True
+            elif enabled and "qfx_fixed" in node.meta:
+                node.kwargs = {**node.kwargs, "fixed": node.meta.pop("qfx_fixed")}
+                changed = True
+        if changed:
+            self.graph_module.recompile()
 
 
 def insert_quantizers(gm: fx.GraphModule, sites: list[CastSite], quantizers: dict[str, FixedQuantizer],
