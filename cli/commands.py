@@ -4,3 +4,4 @@ from qfx_onnx_cli import inspect_cmd  # noqa: F401
 from qfx_onnx_cli import finetune_cmd  # noqa: F401
 from qfx_onnx_cli import export_hls_cmd  # noqa: F401
 from qfx_onnx_cli import profile_cmd  # noqa: F401
+from qfx_onnx_cli import export_qonnx_cmd  # noqa: F401

@@ -43,6 +43,10 @@ def finetune(
                                               help="Share of the training data set aside (seeded, stratified by class) to "
                                                    "select the best epoch on; 0: no selection, the last epoch is kept."),
     freeze_binary_points: bool = typer.Option(False, "--freeze-binary-points", help="Keep every binary point (plain QAT)."),
+    recalibrate_imported: bool = typer.Option(
+        False, "--recalibrate-imported",
+        help="Learn the binary points of the types an imported QONNX/QDQ model fixed (annotated qfx.imported) "
+             "like any other; by default they are kept as given (their weights still train)."),
     per_channel: PerChannel = False,
     weight_bits: NewWeightBits = None,
     act_bits: NewActBits = None,
@@ -83,7 +87,7 @@ def finetune(
 
 
 def _finetune(model, data, output, eval_data, task, target, epochs, batch_size, lr, frac_lr, optimizer, lr_schedule,
-              weight_decay, seed, patience, val_fraction, freeze_binary_points, per_channel, weight_bits, act_bits, input_bits,
+              weight_decay, seed, patience, val_fraction, freeze_binary_points, recalibrate_imported, per_channel, weight_bits, act_bits, input_bits,
               elementwise_bits, bias_bits, calibration, calib_samples, khot, csd, khot_elementwise, checkpoint_dir,
               resume, device, train_dtype, threads, verify, force, ui: Output) -> None:
     from qfx_onnx.quant.annotated import read_annotated, verify_annotated
@@ -111,6 +115,7 @@ def _finetune(model, data, output, eval_data, task, target, epochs, batch_size, 
     config = FinetuneConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, frac_lr=frac_lr, optimizer=optimizer, weight_decay=weight_decay,
         lr_schedule=lr_schedule, task=task, learn_binary_points=not freeze_binary_points, seed=seed, patience=patience,
+        recalibrate_imported=recalibrate_imported,
         val_fraction=0.1 if val_fraction is None else val_fraction,
         device=device, train_dtype=train_dtype, resume=resume,
         checkpoint_dir=str(checkpoint_dir or output.with_name(output.name + ".ckpt")))

@@ -2,7 +2,8 @@
 
 The public entry points: :func:`load_onnx` (ONNX -> torch.fx IR), :func:`quantize` (whole-model
 PTQ -> :class:`FixedPointModel`), :func:`write_annotated` / :func:`read_annotated` (the annotated
-ONNX), :class:`FixedType` and :func:`cast` (exact ``ap_fixed`` emulation on torch tensors).
+ONNX), :func:`export_qonnx` (the annotated ONNX as QONNX), :class:`FixedType` and :func:`cast`
+(exact ``ap_fixed`` emulation on torch tensors).
 """
 
 from importlib.metadata import PackageNotFoundError, version as _version
@@ -16,9 +17,10 @@ from qfx_onnx.fixed import FixedType, cast, cast_codes  # noqa: E402
 from qfx_onnx.importer import load_onnx  # noqa: E402
 from qfx_onnx.quant.annotated import read_annotated, verify_annotated, write_annotated  # noqa: E402
 from qfx_onnx.quant.api import quantize  # noqa: E402
+from qfx_onnx.qonnx_export import export_qonnx  # noqa: E402
 from qfx_onnx.quant.quantize import FixedPointModel  # noqa: E402
 
 __all__ = [
-    "FixedPointModel", "FixedType", "cast", "cast_codes", "load_onnx", "quantize", "read_annotated",
+    "FixedPointModel", "FixedType", "cast", "cast_codes", "export_qonnx", "load_onnx", "quantize", "read_annotated",
     "verify_annotated", "write_annotated",
 ]

@@ -77,9 +77,10 @@ def test_every_op_has_a_rule_in_every_back_end(name):
         return
     assert form.place in PLACES
     assert (form.place == "shape") == (op.kind == "shape")
-    if form.place == "head":
-        kind = LAYER_KINDS[form.layer]
-        assert callable(kind.build) and callable(kind.config) and callable(kind.call) and callable(kind.iterations)
+    if form.place == "head":  # a fixed kind, or a chooser that says which kinds it may return
+        for name in (form.layer.kinds if callable(form.layer) else (form.layer,)):
+            kind = LAYER_KINDS[name]
+            assert callable(kind.build) and callable(kind.config) and callable(kind.call) and callable(kind.iterations)
     if form.place == "step":
         assert isinstance(form.products, int) and form.products >= 0
         args = ["a[i]", "b[i]", "c[i]"][:max(1, len(inspect.signature(op.fn).parameters))]

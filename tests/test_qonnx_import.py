@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from qfx_onnx.errors import OnnxModelError, UnsupportedAttributeError
 from qfx_onnx.importer import load_onnx
-from qfx_onnx.importer.quant_types import QONNX_ROUNDING
+from qfx_onnx.qonnx_modes import FROM_QONNX as QONNX_ROUNDING
 from qfx_onnx.quant.annotated import read_annotated
 from qfx_onnx_cli.main import app
 from qonnx_models import QONNX, Builder, cnv, qonnx_execute, single_quant_model, tfc

@@ -1,7 +1,7 @@
 """A first-order resource and latency model of a generated project (no synthesis involved).
 
-The model follows the pragmas the generator writes. Each layer's outer loop (dense: rows; conv and
-pool: output pixels; reduce, remap, map: output elements) is pipelined with ``II = R`` (the reuse
+The model follows the pragmas the generator writes. Each layer's outer loop (dense: rows; matmul_act:
+rows of every batch; conv and pool: output pixels; reduce, remap, map: output elements) is pipelined with ``II = R`` (the reuse
 factor), and everything inside one iteration is unrolled (pooling: output pixels, channels
 unrolled, as conv), so:
 
@@ -12,7 +12,9 @@ unrolled, as conv), so:
   ``tiles(w, p) = 1`` for ``w <= p`` else ``1 + ceil((w - p) / (p - 1))`` (each further tile adds
   ``p - 1`` unsigned bits). A product with an operand of at most 4 bits goes to LUTs instead
   (about ``a * b`` LUTs), and so does a product by a **K-hot** constant: its shift-adds cost one
-  adder of the accumulator width per nonzero digit (about that many LUTs) and **0 DSPs**;
+  adder of the accumulator width per nonzero digit (about that many LUTs) and **0 DSPs**; a
+  product of two activations (``matmul_act``: attention scores and context) has two variable
+  operands, so it is always a multiplier (never K-hot);
 * **weight memory**: bits = elements x width for every constant array a layer reads (K-hot
   weights live in the logic and count 0). An array is split into ``ceil(n / R)`` banks of depth
   ``R`` (cyclic partitioning); a bank of more than 1,024 bits goes to BRAM18K, counted with the
@@ -112,7 +114,7 @@ def estimate_layer(layer: Layer, reuse: int) -> LayerEstimate:
         est.multipliers += instances
         est.dsp += dsp
         est.lut += lut
-        if layer.kind in ("dense", "conv") and prod is layer.products[0]:
+        if layer.kind in ("dense", "conv", "matmul_act") and prod is layer.products[0]:
             terms = prod.count // max(1, layer.output.size)
             depth = max(depth, math.ceil(math.log2(max(terms, 1))) + 2)
     for c in _constants(layer):

@@ -9,8 +9,8 @@ Contract of :func:`build_hls_model`:
   summation order and equals the float64 emulation bit for bit.
 * Each op is placed by its definition's HLS form (``IrOp.hls``: alias, remap, split parts, the
   head of a registered layer kind, an element-wise step, a lookup table, or refused with a reason).
-* Layers are formed greedily in graph order. A layer has a head (dense, conv, pool, reduce, remap,
-  concat, or an element-wise op on 1-3 data arrays) and a chain of element-wise steps fused after it
+* Layers are formed greedily in graph order. A layer has a head (dense, matmul_act, conv, pool,
+  reduce, remap, concat, or an element-wise op on 1-3 data arrays) and a chain of element-wise steps fused after it
   (casts, BatchNorm's mul and add, activations, lookup tables): a step joins the chain of its only
   data input when that input has no other user and the shape does not change. Reshape-like ops are
   aliases of their input's array (flat, row-major, batch 1).

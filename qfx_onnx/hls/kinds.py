@@ -28,7 +28,7 @@ import numpy as np
 from qfx_onnx.errors import ExportError
 from qfx_onnx.hls.cpp import WINDOW, indent, ints, render_mac, render_op, table_fn
 from qfx_onnx.hls.fxutil import label, op_name
-from qfx_onnx.hls.model import Buffer, Layer
+from qfx_onnx.hls.model import Buffer, Layer, Products
 
 Config = tuple[list[str], list[str], set[str]]
 
@@ -265,6 +265,84 @@ layer_kind(LayerKind("concat", _method("_layer_concat"), _concat_config, _concat
                      iterations=lambda layer: sum(x.size for x in layer.inputs)))
 layer_kind(LayerKind("map", _method("_layer_map"), _map_config, _map_call))
 layer_kind(LayerKind("fanout", None, None, _fanout_call))  # --io stream copies; needs no configuration
+
+
+# ------------------------------------------------------------------------------------ matmul of two activations
+@dataclass
+class MatMulParams:
+    """A batched product ``y[b] = a[b] @ b[b]`` (numpy matmul, batch dims broadcast) of two arrays
+    that are not both constants: ``n_batch`` products of ``[n_rows][n_inner] x [n_inner][n_cols]``.
+    ``a_part``/``b_part``: C++ expressions of the batch index ``bi`` giving the offset of that
+    batch's matrix in ``a``/``b`` (a broadcast batch dim contributes 0)."""
+
+    n_batch: int
+    n_rows: int
+    n_inner: int
+    n_cols: int
+    a_part: str
+    b_part: str
+
+
+def _batch_part(out_batch: tuple[int, ...], shape: tuple[int, ...]) -> str:
+    """Offset of batch ``bi`` (flat over ``out_batch``) in an array of ``shape`` (numpy broadcast)."""
+    matrix = int(np.prod(shape[-2:]))
+    batch = (1,) * (len(out_batch) - len(shape[:-2])) + tuple(shape[:-2])
+    total = int(np.prod(out_batch))
+    terms, div = [], 1
+    for d in reversed(range(len(out_batch))):
+        if out_batch[d] > 1 and batch[d] > 1:
+            t = "bi" if div == 1 else f"(bi / {div})"
+            t = f"({t} % {out_batch[d]})" if div * out_batch[d] < total else t
+            terms.append(f"{t} * {int(np.prod(batch[d + 1:])) * matrix}")
+        div *= out_batch[d]
+    return " + ".join(reversed(terms)) if terms else "0"
+
+
+def _build_matmul_act(builder, ident: str, group, out: Buffer) -> Layer:
+    """The layer of ``matmul(a, b)`` with an activation operand: the accumulator type is the
+    lossless sum of products type propagation gives the node; the chain's first cast rounds it."""
+    node = group.head
+    a, b = node.args[0], node.args[1]
+    a_shape, b_shape, out_shape = builder.shape(a), builder.shape(b), builder.shape(node)
+    params = MatMulParams(int(np.prod(out_shape[:-2])), a_shape[-2], a_shape[-1], b_shape[-1],
+                          _batch_part(out_shape[:-2], a_shape), _batch_part(out_shape[:-2], b_shape))
+    inputs = [builder.constant(x) if x in builder.const else builder.buffer(x) for x in (a, b)]
+    acc = builder.ctype(node, "accumulator")
+    rows = params.n_batch * params.n_rows
+    per_row = params.n_cols * params.n_inner
+    prods = Products(rows * per_row, per_row, rows, builder.fixed(a), builder.fixed(b), acc_width=acc.type.width)
+    return Layer(ident, "matmul_act", inputs, out, acc, params=params, products=[prods])
+
+
+def _check_matmul_act(builder, node, data) -> None:
+    shapes = [builder.shape(x) for x in node.args[:2]]
+    if any(len(s) < 2 for s in shapes):
+        raise ExportError(f"node {label(node)} (matmul): a product of activations needs both operands of rank 2 "
+                          f"or more, got {shapes[0]} x {shapes[1]}")
+
+
+def _matmul_act_config(layer: Layer, options: dict) -> Config:
+    p = layer.params
+    per_row = p.n_cols * p.n_inner
+    members = [f"typedef {layer.head_type.ident} accum_t;",
+               f"static const int unroll_factor = {max(1, math.ceil(per_row / options['reuse_factor']))};",
+               f"static const int n_a = {layer.inputs[0].size};", f"static const int n_b = {layer.inputs[1].size};"]
+    members += _members(p, ("n_batch", "n_rows", "n_inner", "n_cols"))
+    members += [f"static int a_base(int bi) {{ return {p.a_part}; }}",
+                f"static int b_base(int bi) {{ return {p.b_part}; }}"]
+    return members, [], set()
+
+
+def _matmul_act_call(layer: Layer, cfg: str, array) -> list[str]:
+    a, b, y = layer.inputs[0], layer.inputs[1], layer.output
+    return [f"qfx::matmul<{a.ctype.ident}, {b.ctype.ident}, {y.ctype.ident}, {cfg}>({array(a)}, {array(b)}, "
+            f"{array(y)});"]
+
+
+# one pipelined iteration per output row (batch x rows), every product of the row unrolled, as dense
+layer_kind(LayerKind("matmul_act", _build_matmul_act, _matmul_act_config, _matmul_act_call,
+                     iterations=lambda layer: layer.params.n_batch * layer.params.n_rows,
+                     check=_check_matmul_act, header="matmul.h"))
 
 # the exact nonlinear kernels' kinds (softmax) register themselves in their own module
 from qfx_onnx.hls import nonlinear_kinds  # noqa: E402,F401

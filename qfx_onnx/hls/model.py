@@ -98,6 +98,7 @@ class Layer:
     """A head (``kind``) that produces a lossless value per output element, then ``steps``.
 
     ``kind`` names a registered :class:`~qfx_onnx.hls.kinds.LayerKind` (built in: ``dense``,
+    ``matmul_act`` (batched product of two arrays, not both constant),
     ``conv`` (2-D; 1-D as H = 1), ``pool`` (max or sum windows), ``reduce`` (sum or max over
     axes), ``remap`` (index table: transpose, slice, pad, resize, gather), ``concat`` (one scatter
     per input), ``map`` (element-wise head on 1-3 data inputs), ``fanout``); ``params`` is that

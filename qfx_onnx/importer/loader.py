@@ -71,9 +71,18 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto, *, approximate_scales
     A QONNX or QDQ model's quantizers become fixed ``ap_fixed`` types
     (:mod:`qfx_onnx.importer.quant_ops`); one whose scale is not a power of two is an error unless
     ``approximate_scales`` gives the bits of the fixed-point multipliers that approximate it.
+    What a qfx-onnx writer marked (IR ops tagged ``qfx.ir_op``, tensors annotated ``qfx.role =
+    lossless``; export-qonnx keeps both) is restored: see
+    :func:`~qfx_onnx.quant.annotated_read.restore_qfx_marks`.
     """
     prepared = prepare(source, approximate_scales=approximate_scales)
-    return build_graph(prepared)
+    gm = build_graph(prepared)
+    graph = prepared.model.graph
+    if graph.quantization_annotation or any(n.metadata_props for n in graph.node):
+        from qfx_onnx.quant.annotated_read import restore_qfx_marks  # imports this module
+
+        restore_qfx_marks(gm, prepared.model, prepared.label)
+    return gm
 
 
 def prepare(source: str | os.PathLike | onnx.ModelProto, *, raise_unsupported: bool = True,

@@ -35,6 +35,7 @@ from qfx_onnx.importer.quant_types import (
 from qfx_onnx.importer.registry import DEFAULT_DOMAINS, QONNX_DOMAIN, canonical_domain, converter
 from qfx_onnx.fixed.types import FixedType, OverflowMode, QuantMode
 from qfx_onnx.ir import ops
+from qfx_onnx.quant.annotated import QUANT_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +292,9 @@ def _apply(ctx: NodeContext, x_index: int = 0) -> None:
     x = ctx.input(x_index)
     if x.op == "placeholder" and len(ctx.builder.readers.get(ctx.input_name(x_index), [])) == 1:
         x.meta.update(pin.meta())  # a graph input only this quantizer reads enters in its type
+        if ctx.output_name() == ctx.input_name(x_index) + QUANT_SUFFIX:
+            ctx.alias_output(x)  # named as a qfx-onnx input cast (export-qonnx): that cast is this Quant
+            return
     node = ctx.emit(ops.fixed_cast, x, types=pin.type_text(), axis=pin.axis)
     node.meta.update(pin.meta())
 

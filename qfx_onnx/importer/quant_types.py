@@ -18,16 +18,9 @@ zero point z != 0                           the shifted range, when it is a full
                                             the rounding commutes with adding z; else error
 =========================================  ==============================================
 
-Rounding (QONNX ``rounding_mode``, resolved as ``qonnx.custom_op.general.intquant.resolve_rounding_mode``;
-QDQ always rounds half to even, ONNX QuantizeLinear):
-
-* ``ROUND``/``HALF_EVEN`` (``np.round``, ties to even) -> ``AP_RND_CONV``
-* ``FLOOR`` -> ``AP_TRN``; ``DOWN`` (``np.fix``, toward zero) -> ``AP_TRN_ZERO``
-* ``HALF_UP`` (ties away from zero) -> ``AP_RND_INF``; ``HALF_DOWN`` (ties toward zero) -> ``AP_RND_ZERO``
-* ``CEIL`` (toward +inf) and ``UP`` (away from zero): no ``ap_q_mode`` rounds that way; an error.
-
-Clamping before rounding (as QONNX's executor does) equals rounding then saturating: the bounds
-are integers and every mode above is monotone and leaves integers alone.
+Rounding: QONNX ``rounding_mode`` -> ``ap_q_mode`` by the one mode table,
+:mod:`qfx_onnx.qonnx_modes` (``CEIL`` and ``UP`` have no counterpart: an error); QDQ always rounds
+half to even (ONNX QuantizeLinear), ``AP_RND_CONV``.
 """
 
 from __future__ import annotations
@@ -37,20 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qfx_onnx import qonnx_modes
 from qfx_onnx.fixed.types import FixedType, OverflowMode, QuantMode
 
-QONNX_ROUNDING = {
-    "ROUND": QuantMode.RND_CONV,
-    "HALF_EVEN": QuantMode.RND_CONV,
-    "FLOOR": QuantMode.TRN,
-    "DOWN": QuantMode.TRN_ZERO,
-    "HALF_UP": QuantMode.RND_INF,
-    "HALF_DOWN": QuantMode.RND_ZERO,
-}
-QONNX_NO_COUNTERPART = {
-    "CEIL": "rounds toward +infinity",
-    "UP": "rounds away from zero",
-}
 # modes whose result moves by exactly z when the input moves by an integer z (half to even only
 # for even z): only then is a zero point a shift of the range
 _SHIFT_INVARIANT = {QuantMode.TRN}
@@ -87,14 +69,12 @@ class Pin:
 
 
 def rounding_of(mode: str) -> QuantMode:
-    """The ``ap_q_mode`` of a QONNX ``rounding_mode`` (case-insensitive); QuantTypeError if none."""
-    key = mode.upper()
-    if key in QONNX_ROUNDING:
-        return QONNX_ROUNDING[key]
-    if key in QONNX_NO_COUNTERPART:
-        raise QuantTypeError(f"rounding_mode {mode!r} {QONNX_NO_COUNTERPART[key]}, which no ap_fixed quantization mode does "
-                             f"(supported: {', '.join(QONNX_ROUNDING)})")
-    raise QuantTypeError(f"unknown rounding_mode {mode!r}")
+    """The ``ap_q_mode`` of a QONNX ``rounding_mode`` (:func:`qfx_onnx.qonnx_modes.rounding_of`);
+    QuantTypeError if none rounds that way."""
+    try:
+        return qonnx_modes.rounding_of(mode)
+    except ValueError as exc:
+        raise QuantTypeError(str(exc)) from None
 
 
 def power_of_two_exponents(scale: np.ndarray) -> np.ndarray | None:

@@ -13,7 +13,9 @@ Layout of an annotated model (format version 1)
     * ``graph.quantization_annotation`` holds, per cast output, :data:`KEY_TYPE` (the HLS spelling,
       per-channel types joined by ``;``), :data:`KEY_AXIS` (per-channel only), :data:`KEY_ROLE` and,
       where QONNX has one, :data:`KEY_FINN`; lossless intermediates carry :data:`KEY_TYPE` and the
-      role :data:`LOSSLESS`.
+      role :data:`LOSSLESS`. A cast whose type an imported quantizer (QONNX ``Quant``, a QDQ pair)
+      fixed, kept exactly as given, carries :data:`KEY_IMPORTED` ``= "1"``: finetune keeps its
+      binary point unless asked to recalibrate imported types.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ KEY_ROLE = "qfx.role"
 KEY_FINN = "finn_datatype"
 KEY_KHOT = "qfx.khot"  # K-hot weights: at most K ones (or signed digits with KEY_CSD = "1") per code
 KEY_CSD = "qfx.csd"
+KEY_IMPORTED = "qfx.imported"  # "1": the type is an imported quantizer's, kept as given
 LOSSLESS = "lossless"
 CAST_ROLES = ("input", "weight", "bias", "constant", "act", "elementwise")
 
@@ -103,6 +106,19 @@ def type_entries(types: FixedType | list[FixedType], role: str, axis: int | None
     if len(finn) == 1 and None not in finn:
         entries[KEY_FINN] = finn.pop()
     return entries
+
+
+def imported_entries(site) -> dict[str, str]:
+    """The :data:`KEY_IMPORTED` key of a cast whose CastSite is marked imported (none otherwise)."""
+    return {KEY_IMPORTED: "1"} if getattr(site, "imported", False) else {}
+
+
+def parse_imported(entries: dict[str, str], tensor: str, label: str) -> bool:
+    """Whether an annotation marks the tensor's type as imported."""
+    value = entries.get(KEY_IMPORTED, "0")
+    if value not in ("0", "1"):
+        raise OnnxModelError(f"{label}: tensor {tensor!r}: {KEY_IMPORTED}={value!r} is not 0 or 1")
+    return value == "1"
 
 
 def khot_entries(quantizer) -> dict[str, str]:

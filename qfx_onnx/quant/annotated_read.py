@@ -27,7 +27,7 @@ from qfx_onnx.ir.ops import IR_OPS
 from qfx_onnx.nonlinear.onnx_wiring import collapse_exact, restore_types
 from qfx_onnx.quant.annotated import (
     CAST_ROLES, KEY_ROLE, KEY_TYPE, LOSSLESS, META_SOURCE, NODE_IR_OP, NOT_ANNOTATED, CastCall, annotations, find_casts,
-    parse_khot, parse_types,
+    parse_imported, parse_khot, parse_types,
 )
 from qfx_onnx.quant.annotated_write import READ_FROM
 from qfx_onnx.quant.onnx_cast import DOMAIN, cast_function, cast_function_per_channel, channel_scales, check_channel_types
@@ -53,18 +53,33 @@ def read_annotated(source: str | os.PathLike | onnx.ModelProto) -> FixedPointMod
     collapsed, typed = collapse_exact(model)
     float_model = strip_casts(collapsed, casts)
     restore_types(float_model, typed, {c.raw: c.tensor for c in casts})
-    gm = load_onnx(float_model)
-    _restore_ir_ops(gm, {n.name: {p.key: p.value for p in n.metadata_props} for n in model.graph.node}, label)
+    gm = load_onnx(float_model)  # restores the tagged IR ops (restore_qfx_marks)
     try:
         fixed = quantize_with_types(gm, types)
     except ValueError as exc:  # a per-channel type on a tensor without a channel axis
         raise OnnxModelError(f"{label}: {exc}") from None
     _restore_roles(fixed, roles, axes, label)
+    outs = {c.tensor: c.out for c in casts}
+    for site in fixed.sites:
+        site.imported = parse_imported(notes[outs[site.tensor]], site.tensor, label)
     _restore_khot(fixed, {c.tensor: notes[c.out] for c in casts}, label)
     meta = {p.key: p.value for p in model.metadata_props}
     path = None if isinstance(source, onnx.ModelProto) else str(Path(source).resolve())
     READ_FROM[fixed] = (path, meta.get(META_SOURCE))
     return fixed
+
+
+def checked_casts(model: onnx.ModelProto, label: str) -> tuple[list[CastCall], dict[str, dict[str, str]], Types,
+                                                                dict[str, int | None]]:
+    """The cast calls of an annotated model, its annotations and, per cast tensor, its type(s) and
+    channel axis, checked as :func:`read_annotated` checks them (for exporters that rewrite the
+    ONNX graph without rebuilding the emulation). Raises OnnxModelError as read_annotated does."""
+    casts = find_casts(model.graph, label)
+    if not casts:
+        raise OnnxModelError(f"{label}: {NOT_ANNOTATED}")
+    notes = annotations(model.graph, label)
+    types, axes, _ = _cast_types(model, casts, notes, label)
+    return casts, notes, types, axes
 
 
 def _cast_types(model: onnx.ModelProto, casts: list[CastCall], notes: dict[str, dict[str, str]],
@@ -166,7 +181,23 @@ def strip_casts(model: onnx.ModelProto, casts: list[CastCall]) -> onnx.ModelProt
     return out
 
 
-def _restore_ir_ops(gm: fx.GraphModule, node_meta: dict[str, dict[str, str]], label: str) -> None:
+def restore_qfx_marks(gm: fx.GraphModule, model: onnx.ModelProto, label: str) -> None:
+    """What a qfx-onnx writer marked in ``model`` (annotated, or QONNX from export-qonnx), on the
+    graph ``gm`` imported from it: IR ops emitted as several nodes (tagged ``qfx.ir_op``) are
+    restored, and tensors annotated ``qfx.role = lossless`` get ``meta["lossless"]``, so that
+    quantize leaves them lossless (no cast) as the writer's model did. A QONNX model qfx-onnx
+    exported thus quantizes back to the model it came from."""
+    tags = {n.name: {p.key: p.value for p in n.metadata_props} for n in model.graph.node}
+    if any(NODE_IR_OP in t for t in tags.values()):
+        restore_ir_ops(gm, tags, label)
+    lossless = {a.tensor_name for a in model.graph.quantization_annotation
+                if any(kv.key == KEY_ROLE and kv.value == LOSSLESS for kv in a.quant_parameter_tensor_names)}
+    for node in gm.graph.nodes:
+        if lossless and node.op == "call_function" and node.meta.get("onnx_name") in lossless:
+            node.meta["lossless"] = True
+
+
+def restore_ir_ops(gm: fx.GraphModule, node_meta: dict[str, dict[str, str]], label: str) -> None:
     """Turn emissions tagged ``qfx.ir_op`` back into the IR op they stand for (the tagged op's
     ``restore``), so that a model read back has the graph (and the lossless types) of the model written."""
     changed = False
@@ -241,4 +272,4 @@ def _restore_khot(fixed: FixedPointModel, entries: dict[str, dict[str, str]], la
         setattr(fixed.graph_module, node.target, new.to(old.frac.dtype))
 
 
-__all__ = ["read_annotated", "strip_casts"]
+__all__ = ["read_annotated", "restore_ir_ops", "restore_qfx_marks", "strip_casts"]

@@ -33,7 +33,7 @@ from qfx_onnx.ir import ops
 from qfx_onnx.ir.ops import IR_OPS, op_of
 from qfx_onnx.quant.annotated import (
     FORMAT_VERSION, INV_SCALE_SUFFIX, KEY_ROLE, KEY_TYPE, LOSSLESS, META_SOURCE, META_VERSION, NODE_IR_OP, QUANT_SUFFIX, RAW_SUFFIX,
-    SCALE_SUFFIX, khot_entries, type_entries,
+    SCALE_SUFFIX, imported_entries, khot_entries, type_entries,
 )
 from qfx_onnx.quant.onnx_cast import (
     DOMAIN, IR_VERSION, OPSET, cast_function, cast_function_per_channel, channel_function_name, channel_scales,
@@ -292,11 +292,12 @@ class _Writer:
         self.names[node] = out
         types = quant.frozen_types()
         role = node.meta.get("role", "act")
+        imported = imported_entries(node.meta.get("qfx_site"))
         if quant.per_channel_axis is None:
             check_onnx_castable(types[0], f"tensor {tensor!r}")
             fn = cast_function(types[0])
             self.node(fn.name, [raw], [out], f"{tensor}::cast", domain=DOMAIN)
-            self.annotations.append((out, {**type_entries(types[0], role), **khot_entries(quant)}))
+            self.annotations.append((out, {**type_entries(types[0], role), **khot_entries(quant), **imported}))
         else:
             check_channel_types(types, f"tensor {tensor!r}")
             rank = len(self.shape(node, f"per-channel tensor {tensor!r}"))
@@ -305,7 +306,7 @@ class _Writer:
             scale, inv_scale = channel_scales(types, axis, rank)
             scales = [self.const(tensor + SCALE_SUFFIX, scale), self.const(tensor + INV_SCALE_SUFFIX, inv_scale)]
             self.node(channel_function_name(types[0]), [raw, *scales], [out], f"{tensor}::cast", domain=DOMAIN)
-            self.annotations.append((out, {**type_entries(types, role, axis), **khot_entries(quant)}))
+            self.annotations.append((out, {**type_entries(types, role, axis), **khot_entries(quant), **imported}))
         self.functions[fn.name] = fn
 
     def emit_call(self, node: fx.Node) -> None:
@@ -317,6 +318,11 @@ class _Writer:
             raise ExportError(f"{node.name!r}: {getattr(node.target, '__name__', node.target)} is not an IR op")
         elif op.multi_output:  # its ONNX outputs are the getitem nodes: the op's node is the ONNX node
             op.emit(self, node, None, node.meta.get("onnx_node") or node.name)
+            return
+        elif node.target is ops.identity and self.names.get(node.args[0]) == node.meta.get("onnx_name"):
+            # an imported cast (now identity) whose input already has the raw name it would take
+            # (a QONNX model qfx-onnx exported): nothing to emit
+            self.names[node] = self.names[node.args[0]]
             return
         else:
             out = self.output_name(node)

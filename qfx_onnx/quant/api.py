@@ -77,3 +77,4 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | fx.GraphModule,
     batches = torch.split(x[:calib_samples], 256)
     return quantize_graph(gm, batches, policy, method, per_channel_weights=per_channel,
                           recalibrate_imported=recalibrate_imported)
+

@@ -8,7 +8,9 @@ The pipeline, each step a plain function:
    nonlinear ops, and concat). Data-movement ops (reshape, transpose, slice ...) inherit their
    input's type; shape arithmetic is never quantized.
    Intermediate steps of a decomposition (the product inside BatchNorm's ``x*a + b``) stay
-   lossless, exactly as HLS keeps full-precision ``auto`` results until an assignment.
+   lossless, exactly as HLS keeps full-precision ``auto`` results until an assignment, and so
+   does a tensor of an imported model annotated ``qfx.role = lossless`` (``node.meta["lossless"]``:
+   a QONNX model qfx-onnx exported quantizes back to the model it came from).
 2. :func:`observe` runs calibration data through the float graph and records each site's range
    and a sample of its values.
 3. :func:`build_quantizers` turns the policy and the observations into one ``FixedQuantizer`` per
@@ -61,6 +63,7 @@ class CastSite:
     op: str
     role: str
     channel_axis: int | None = None  # weights: the output-channel axis, for per-channel types
+    imported: bool = False  # the type is an imported quantizer's, kept as given (annotated qfx.imported)
 
 
 def _is_float(node: fx.Node) -> bool:
@@ -103,6 +106,8 @@ def find_cast_sites(gm: fx.GraphModule) -> list[CastSite]:
             op = op_of(node.target)
             pinned = "pinned_type" in node.meta  # an imported quantizer's type (QONNX Quant, a QDQ pair)
             if op is None or (op.cast_role is None and not pinned):  # data movement and shape ints inherit or have no type
+                continue
+            if not pinned and node.meta.get("lossless"):  # annotated so by the qfx-onnx writer (export-qonnx keeps it)
                 continue
             sites.append(CastSite(node, name, onnx_node, onnx_op, op.cast_role or "act"))
     return sites
@@ -202,6 +207,7 @@ def build_quantizers(sites: list[CastSite], observers: dict[str, Observer], poli
         pinned = site.node.meta.get("pinned_type")
         if pinned is not None:
             quantizers[site.tensor] = _pinned_quantizer(site, pinned, obs, method, percentile, recalibrate_imported)
+            site.imported = not recalibrate_imported
             continue
         signed = spec.signed if spec.signed is not None else obs.min < 0
         axis = site.channel_axis if (per_channel_weights and site.role == "weight") else None
@@ -362,7 +368,8 @@ def align_bias_fracs(model: FixedPointModel) -> None:
         x_q, w_q, b_q = (_cast_module_of(gm, a) for a in node.args[:3])
         if None in (x_q, w_q, b_q) or bias_node.op != "call_module" or b_q.per_channel_axis is not None:
             continue
-        if "pinned_type" in bias_node.args[0].meta:  # an imported type is kept as given
+        site = bias_node.meta.get("qfx_site")
+        if "pinned_type" in bias_node.args[0].meta or getattr(site, "imported", False):  # kept as given
             continue
         cap = max(t.frac for t in x_q.frozen_types()) + max(t.frac for t in w_q.frozen_types())
         t = b_q.frozen_types()[0]

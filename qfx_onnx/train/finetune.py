@@ -3,7 +3,9 @@
 :func:`finetune` trains a :class:`~qfx_onnx.quant.quantize.FixedPointModel` in place: the float
 master weights and, per quantizer, the ``frac`` parameter whose rounding is the tensor's binary
 point. Total widths never change here (see :mod:`qfx_onnx.train.prepare` to change them, go per
-channel or make weights K-hot first).
+channel or make weights K-hot first). A cast whose type an imported quantizer fixed (QONNX, QDQ;
+``CastSite.imported``, annotated ``qfx.imported``) keeps its binary point unless
+``config.recalibrate_imported``; its weights still train.
 
 Model selection never looks at the test data. Every epoch the model is evaluated on a
 **validation** set with the exact float64 fixed-point forward pass: the ``val`` data given, or else
@@ -104,6 +106,8 @@ class FinetuneConfig:
     best epoch on, when no validation data is given; 0: no validation, the last epoch is kept.
     ``patience``: stop after that many epochs without improvement of the validation metric
     (accuracy, or the loss for regression). ``checkpoint_dir`` None: no checkpoints.
+    ``recalibrate_imported``: learn the binary points of imported types too (they lose their
+    ``imported`` mark); by default they stay as given.
     """
 
     epochs: int = 10
@@ -117,6 +121,7 @@ class FinetuneConfig:
     lr_schedule: str = "cosine"
     task: str = "classification"
     learn_binary_points: bool = True
+    recalibrate_imported: bool = False
     seed: int = 0
     val_fraction: float = 0.1
     patience: int | None = None
@@ -228,6 +233,20 @@ def _optimizer(model: FixedPointModel, config: FinetuneConfig) -> torch.optim.Op
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
     cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
     return cls(groups, lr=config.lr)
+
+
+def _freeze_imported(model: FixedPointModel, recalibrate: bool) -> None:
+    """Imported types keep their binary points; with ``recalibrate`` they learn them like any
+    other and are no longer marked imported."""
+    gm = model.graph_module
+    for node in gm.graph.nodes:
+        site = node.meta.get("qfx_site") if node.op == "call_module" else None
+        if site is None or not site.imported:
+            continue
+        if recalibrate:
+            site.imported = False
+        else:
+            gm.get_submodule(node.target).frac.requires_grad_(False)
 
 
 def _schedule(config: FinetuneConfig, steps_per_epoch: int):
@@ -346,6 +365,7 @@ class _Run:
         cfg = self.cfg
         self.model.to(self.device, torch.float64)
         set_binary_points_learnable(self.model, cfg.learn_binary_points)
+        _freeze_imported(self.model, cfg.recalibrate_imported)
         # biases narrower than their layer's product LSB from the start (see _aligned)
         align_bias_fracs(self.model)
         self.model.to(self.device, torch.float64)

@@ -76,6 +76,9 @@ def _replace(model: FixedPointModel, cast: Cast, new: BinaryPointQuantizer) -> N
     new = new.to(device=frac.device, dtype=frac.dtype)
     new.frac.requires_grad_(old.learn_frac)
     new.enabled = old.enabled
+    site = cast.node.meta.get("qfx_site")
+    if site is not None and new.frozen_types() != old.frozen_types():
+        site.imported = False  # no longer the imported quantizer's type
     setattr(model.graph_module, cast.target, new)
 
 

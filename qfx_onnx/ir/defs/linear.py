@@ -1,6 +1,7 @@
 """Linear IR ops (sums of products) and their rules: the type is the lossless accumulator of the
 products, ``accum_type(a*b, terms)`` plus the bias (HLS derives ``a*b`` and ``a+b``; the number
-of terms bounds the carry bits). HLS heads: dense (gemm, matmul by a constant) and conv."""
+of terms bounds the carry bits). HLS heads: dense (gemm, matmul by a constant), matmul_act (matmul of
+two activations) and conv."""
 
 from __future__ import annotations
 
@@ -83,7 +84,16 @@ def gemm(a, b, c=None, *, transA=0, transB=0):
     return y if c is None else y + c
 
 
-@ir_op("linear", "MatMul", type_rule=_matmul_type, weight_axis=lambda kw: -1, hls=HlsForm.head("dense"))
+def _matmul_layer(builder, node, data) -> str:
+    """A product of the data by a constant weight is a dense layer (K-hot capable); any other,
+    such as attention's ``Q K^T`` and ``P V`` (two activations), a ``matmul_act`` layer."""
+    return "dense" if len(data) == 1 and node.args[0] is data[0] and node.args[1] in builder.const else "matmul_act"
+
+
+_matmul_layer.kinds = ("dense", "matmul_act")  # what the chooser may return (the op-definition walk)
+
+
+@ir_op("linear", "MatMul", type_rule=_matmul_type, weight_axis=lambda kw: -1, hls=HlsForm.head(_matmul_layer))
 def matmul(a, b):
     """ONNX MatMul (numpy matmul semantics)."""
     return torch.matmul(a, b)

@@ -21,7 +21,7 @@ import torch
 
 from qfx_onnx.ir.defs.arith import _emit_reduce, _first
 from qfx_onnx.ir.defs.nonlinear import emit_nonlinear
-from qfx_onnx.ir.opdef import HlsForm, NoHls, ir_op
+from qfx_onnx.ir.opdef import HlsForm, ir_op
 from qfx_onnx.nonlinear.wiring import evaluate
 
 
@@ -102,8 +102,7 @@ def reciprocal(x, *, fixed=None):
     return evaluate("reciprocal", fixed, x) if fixed else torch.reciprocal(x)
 
 
-@ir_op("arith", "ReduceMax", type_rule=_first, emit=_emit_reduce,
-       hls=NoHls("no HLS form for a max over arbitrary axes yet"))
+@ir_op("arith", "ReduceMax", type_rule=_first, emit=_emit_reduce, hls=HlsForm.head("reduce", is_max=True))
 def reduce_max(x, *, axes, keepdims=1):
     """ONNX ReduceMax over ``axes`` (a non-empty list of non-negative axes; the importer resolves
     "all axes"). Exact: the result is one of the inputs."""
