@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "transformer.onnx"
 DATA = ROOT / "models" / "digits.npz"
 WIDTHS = (8, 6)
-TABLE_BITS = (4, 6, 8, 10)
+TABLE_BITS = (6, 8, 10)  # 5 bits and fewer cannot index LayerNorm's variance octaves (an error)
 
 
 def _accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:

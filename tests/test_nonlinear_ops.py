@@ -233,3 +233,32 @@ def test_specs_follow_learned_types_and_casts_off_is_float():
     assert _specs(fm) == after
     h_float = x.to(torch.float64) @ torch.from_numpy(onnx.numpy_helper.to_array(_model().graph.initializer[0])).to(torch.float64)
     torch.testing.assert_close(y, torch.softmax(h_float, -1), rtol=0, atol=1e-6)
+
+
+def test_too_small_tables_are_an_error_naming_the_node():
+    policy = load_policy(None, act_bits=8)
+    policy.nonlinear = {"rsqrt_bits": 2}
+    with pytest.raises(ConfigError, match=r"'ln' \(layer_norm\).*table bits"):
+        quantize(_model(), _inputs(), policy=policy)
+
+
+def test_transformer_at_6_bits_is_bit_exact_in_onnxruntime_and_csim(tmp_path):
+    """models/transformer.onnx (LayerNorm, softmax attention, exact GELU, MatMul of activations):
+    every nonlinear op exact, onnxruntime and the C-simulation bit-exact with the emulation."""
+    from qfx_onnx.data import load_arrays
+    from qfx_onnx.quant.annotated_write import write_annotated
+
+    x, _ = load_arrays(MODELS / "digits.npz", "train")
+    xt, _ = load_arrays(MODELS / "digits.npz", "test")
+    fm = quantize(MODELS / "transformer.onnx", x[:256], weight_bits=6, act_bits=6, elementwise_bits=6)
+    kinds = sorted(op_of(n.target).name for n in fm.graph_module.graph.nodes if n.op == "call_function" and n.kwargs.get("fixed"))
+    assert kinds == ["gelu"] * 2 + ["layer_norm"] * 5 + ["softmax"] * 2
+    path = tmp_path / "tfm.qfx.onnx"
+    write_annotated(fm, path)
+    checks = verify_annotated(fm, path, xt[:32]).layers
+    assert all(c.mismatches == 0 for c in checks)
+    assert all(c.predicted_exact for c in checks if "Softmax" in c.tensor or "LayerNorm" in c.tensor)
+    result = export_hls(read_annotated(path), tmp_path / "prj", data=(xt[:16],), n_vectors=16, csim=True)
+    assert result.csim.passed and result.csim.mismatches == 0
+    kinds = {e["kind"] for e in result.report["layers"]}
+    assert {"softmax", "layer_norm", "matmul_act"} <= kinds

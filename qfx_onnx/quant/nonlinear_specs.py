@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from qfx_onnx.errors import ConfigError
 from qfx_onnx.fixed.types import FixedType
 from qfx_onnx.ir.ops import op_of
 from qfx_onnx.nonlinear import wiring
@@ -184,6 +185,11 @@ def attach_nonlinear(model: FixedPointModel, settings: NonlinearSettings | None 
         if spec is None:
             log.info("%s (%s): no exact fixed-point form here; evaluated in float", node.name, op_of(node.target).name)
             continue
+        try:  # build the tables now: a setting too small for this op is an error naming it
+            wiring.build(op_of(node.target).name, spec, node.kwargs.get("approximate", "none"))
+        except ConfigError as exc:
+            raise ConfigError(f"node {node.meta.get('onnx_node') or node.name!r} ({op_of(node.target).name}): {exc} "
+                              "(raise the [nonlinear] table bits)") from None
         node.kwargs = {**node.kwargs, "fixed": spec}
         count += 1
     gm.recompile()
