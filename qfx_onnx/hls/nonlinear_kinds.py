@@ -47,7 +47,7 @@ def _check_softmax(builder, node, data) -> None:
     spec = node.kwargs.get("fixed")
     if not spec:
         raise ExportError(f"node {label(node)} ({op_name(node)}): no HLS form for a Softmax without its exact "
-                          "fixed-point definition (quantize with [nonlinear] exact = true)")
+                          "fixed-point definition (over the last axis, quantized with [nonlinear] exact = true)")
     shape = builder.shape(node.args[0])
     if node.kwargs.get("axis", -1) % len(shape) != len(shape) - 1:
         raise ExportError(f"node {label(node)} (softmax): only a softmax over the last axis has an HLS form")

@@ -22,6 +22,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from qfx_onnx.errors import ExportError
+from qfx_onnx.fixed.types import FixedType
 from qfx_onnx.nonlinear import wiring
 from qfx_onnx.nonlinear.onnx_emit import OnnxBuilder, emit_cast, emit_softmax, emit_table
 
@@ -52,7 +53,7 @@ def emit_exact(w, node, out: str, name: str) -> None:
     b = OnnxBuilder(prefix=out + INNER.rstrip("_"))
     inputs = [w.arg(a) for a in node.args]
     dbl = [b.op("Cast", i, to=TensorProto.DOUBLE) if i else "" for i in inputs]
-    x = emit_cast(b, dbl[0], wiring.FixedType.parse(spec["in"])) if "in" in spec else dbl[0]
+    x = emit_cast(b, dbl[0], FixedType.parse(spec["in"])) if "in" in spec else dbl[0]
     if op in wiring.TABLE_OPS:
         y = emit_table(b, x, cfg)
     elif op == "softmax":
@@ -63,8 +64,8 @@ def emit_exact(w, node, out: str, name: str) -> None:
     elif op == "layer_norm":
         y = _emit_layer_norm(b, x, dbl[1], dbl[2] if len(dbl) > 2 else "", cfg)
     else:  # div
-        bq = emit_cast(b, dbl[1], wiring.FixedType.parse(spec["b"]))
-        y = emit_cast(b, b.op("Mul", dbl[0], emit_table(b, bq, cfg)), wiring.FixedType.parse(spec["out"]))
+        bq = emit_cast(b, dbl[1], FixedType.parse(spec["b"]))
+        y = emit_cast(b, b.op("Mul", dbl[0], emit_table(b, bq, cfg)), FixedType.parse(spec["out"]))
     w.extend(b.nodes, b.initializers)
     w.node("Cast", [y], [out], name, to=TensorProto.FLOAT)
     entry = w.nodes[-1].metadata_props.add()

@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import math
 
-import numpy as np
 import torch
 
 from qfx_onnx.errors import ConfigError
