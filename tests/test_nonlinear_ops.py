@@ -262,3 +262,19 @@ def test_transformer_at_6_bits_is_bit_exact_in_onnxruntime_and_csim(tmp_path):
     assert result.csim.passed and result.csim.mismatches == 0
     kinds = {e["kind"] for e in result.report["layers"]}
     assert {"softmax", "layer_norm", "matmul_act"} <= kinds
+
+
+def test_narrow_inputs_keep_the_all_codes_tables():
+    """An input of at most table_bits bits: one entry per code holding the following cast's value of
+    f(x), so sigmoid/tanh (and every one-input op) equal float64 f then the cast, as before."""
+    x = _inputs()
+    fm = quantize(_model(div=False, layer_norm=False), x, act_bits=8)
+    q = fm.quantizers()
+    values = {}
+    handle = q["h"].register_forward_hook(lambda m, i, o: values.setdefault("h", o.detach()))
+    outs = fm.predict(x)
+    handle.remove()
+    h = values["h"]
+    for k, fn in ((0, torch.sigmoid), (1, torch.tanh), (2, torch.exp)):
+        want = q[f"y{k}"].quantize_frozen(fn(h))
+        assert torch.equal(outs[k], want), k

@@ -13,7 +13,9 @@ naming every type and size of its definition:
                 :func:`attach_nonlinear` run again rebuilds the specs for the new types.
 ``out``         the table's (or kernel's) output type: the following cast's integer bits, with
                 ``guard_bits`` more fractional bits (at most 24 bits: float32 carries it exactly
-                into the annotated ONNX's cast)
+                into the annotated ONNX's cast); for a one-input table on an input of at most
+                ``bits`` bits, the following cast's own type (one entry per code: op + cast are
+                float64 ``f`` then the cast, exactly)
 ``bits``        table index bits (``2**bits`` entries at most; one entry per code when the
                 input is that narrow, which for sigmoid/tanh is today's all-codes table)
 ``n``, ``eps``, ``gamma``, ``beta``, ``exp_bits``, ``recip_bits``, ``rsqrt_bits``, ``b``

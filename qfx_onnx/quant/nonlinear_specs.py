@@ -68,7 +68,10 @@ def spec_for(gm: fx.GraphModule, node: fx.Node, s: NonlinearSettings) -> str | N
         return None
     fields = {"in": wiring.index_type(x_t)}
     if name in wiring.TABLE_OPS:
-        fields.update(out=wiring.table_out_type(after, s.guard_bits), bits=s.table_bits)
+        # an input narrow enough for one entry per code: the entries are the following cast's values
+        # of f(x), so op + cast equal float64 f then the cast (today's all-codes LUT) exactly
+        narrow = x_t.width <= s.table_bits and _plain(after)
+        fields.update(out=after if narrow else wiring.table_out_type(after, s.guard_bits), bits=s.table_bits)
     elif name == "softmax":
         n = _last_dim(node)
         if n is None:
@@ -92,6 +95,11 @@ def spec_for(gm: fx.GraphModule, node: fx.Node, s: NonlinearSettings) -> str | N
         fields = {"b": wiring.index_type(b_t), "recip": wiring.recip_type(b_t), "recip_bits": s.reciprocal_bits,
                   "out": wiring.table_out_type(after, s.guard_bits)}
     return wiring.spec_text(**fields)
+
+
+def _plain(t: FixedType) -> bool:
+    """Modes the ONNX form of a table's beyond-range cast supports (and no saturation bits)."""
+    return t.q.value in ("AP_TRN", "AP_RND", "AP_RND_CONV") and t.o.value in ("AP_SAT", "AP_WRAP") and not t.n
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
