@@ -146,10 +146,10 @@ def test_policy_nonlinear_section(tmp_path):
 
 
 def test_hls_csim_bit_exact_for_every_table_op_softmax_and_layer_norm(tmp_path):
-    """One C-simulation: sigmoid, tanh, exp, erf, both GELUs, softmax, sqrt, reciprocal and
-    LayerNormalization (division by an activation has no HLS form yet)."""
+    """One C-simulation: sigmoid, tanh, exp, erf, both GELUs, softmax, sqrt, reciprocal, division
+    by an activation and LayerNormalization."""
     x = _inputs()
-    fm = quantize(_model(div=False), x, act_bits=8)
+    fm = quantize(_model(), x, act_bits=8)
     result = export_hls(fm, tmp_path / "prj", data=(x,), n_vectors=64, csim=True)
     assert result.csim.passed and result.csim.mismatches == 0
     softmax = next(e for e in result.report["layers"] if e["kind"] == "softmax")
@@ -157,6 +157,7 @@ def test_hls_csim_bit_exact_for_every_table_op_softmax_and_layer_norm(tmp_path):
     cfg = wiring.build("softmax", _specs(fm)["softmax6"])
     assert softmax["weight_bits"] == cfg.exp.bits + cfg.reciprocal.bits
     assert sum(m["count"] for m in softmax["multiplies"].values()) == N
+    assert {"softmax", "layer_norm", "div"} <= {e["kind"] for e in result.report["layers"]}
     ln = next(e for e in result.report["layers"] if e["kind"] == "layer_norm")
     assert ln["weight_bits"] >= wiring.build("layer_norm", _specs(fm)["ln"]).rsqrt.bits
 

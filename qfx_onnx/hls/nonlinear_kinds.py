@@ -1,4 +1,4 @@
-"""Layer kinds of the exact nonlinear kernels: ``softmax`` and ``layer_norm`` (one shared header).
+"""Layer kinds of the exact nonlinear kernels: ``softmax``, ``layer_norm`` and ``div`` (one shared header).
 
 A softmax layer runs :func:`~qfx_onnx.nonlinear.kernels.softmax_exact` row by row over the last
 axis with ``qfx_nl::softmax_stable`` (``qfx_onnx/nonlinear/cpp/nnet_qfx_nonlinear.h``): each row
@@ -9,6 +9,8 @@ cast after the op). The kernel's config struct (types and tables) comes from
 definition bit for bit. The estimate counts its tables (``params.tables``) and its ``n``
 products per row. A layer_norm layer runs ``qfx_nl::layer_norm`` the same way, with its scale
 and bias (weights) copied into the kernel's ``gamma_t``/``beta_t`` (the spec's casts of them).
+A div layer (division by an activation of the same shape) casts each divisor to the spec's index
+type, reads its reciprocal table and casts the exact product to the spec's ``out`` type.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from qfx_onnx.errors import ExportError
+from qfx_onnx.fixed.types import FixedType
 from qfx_onnx.hls.fxutil import label, op_name
 from qfx_onnx.hls.kinds import LayerKind, layer_kind
 from qfx_onnx.hls.model import Layer, Products
 from qfx_onnx.nonlinear import wiring
-from qfx_onnx.nonlinear.cpp_emit import layer_norm_struct, softmax_struct
+from qfx_onnx.nonlinear.cpp_emit import layer_norm_struct, softmax_struct, table_struct
 
 HEADER = "nnet_qfx_nonlinear.h"  # found beside the templates by qfx_onnx.hls.files.header
 
@@ -163,3 +166,62 @@ def _layer_norm_call(layer: Layer, cfg: str, array) -> list[str]:
 
 layer_kind(LayerKind("layer_norm", _build_layer_norm, _layer_norm_config, _layer_norm_call,
                      iterations=lambda layer: layer.params.rows, check=_check_layer_norm, header=HEADER))
+
+
+# ------------------------------------------------------------------------------------ div by an activation
+@dataclass
+class DivParams:
+    size: int
+    spec: str
+
+    @property
+    def config(self):
+        """The divisor's reciprocal LookupTable (its in_t is the spec's index cast ``b``)."""
+        return wiring.build("div", self.spec)
+
+    @property
+    def tables(self) -> list:
+        return [self.config]
+
+
+def _check_div(builder, node, data) -> None:
+    if not node.kwargs.get("fixed"):
+        raise ExportError(f"node {label(node)} ({op_name(node)}): no HLS form for a division by an activation "
+                          "without its exact fixed-point definition")
+    a, b = (builder.shape(x) for x in node.args[:2])
+    if a != b or len(data) != 2:
+        raise ExportError(f"node {label(node)} (div): only a division of two activations of one shape has an HLS "
+                          f"form, got {a} / {b}")
+
+
+def _build_div(builder, ident, group, out) -> Layer:
+    node = group.head
+    a, b = node.args[0], node.args[1]
+    params = DivParams(int(np.prod(builder.shape(a))), node.kwargs["fixed"])
+    out_t = FixedType.parse(wiring.parse_spec(params.spec)["out"])
+    head = builder.ctype(node, "accumulator", out_t)
+    products = [Products(params.size, 1, params.size, builder.fixed(a), params.config.out_type)]
+    return Layer(ident, "div", [builder.buffer(a), builder.buffer(b)], out, head, params=params, products=products)
+
+
+def _div_config(layer: Layer, options: dict):
+    p = layer.params
+    table = f"{layer.ident}_recip"
+    a, b = layer.inputs
+    run = (f"struct config_{layer.ident}_run : config_{layer.ident} {{\n"
+           f"static void run(const {a.ctype.ident} a[{p.size}], const {b.ctype.ident} b[{p.size}], res_t y[{p.size}]) {{\n"
+           f"  for (int i = 0; i < {p.size}; i++) {{\n"
+           f"    {table}::in_t bi = b[i];  // the op's index cast\n"
+           f"    {table}::out_t r = qfx_nl::table_lookup<{table}>(bi);\n"
+           f"    head_t q = a[i] * r;  // the exact product, cast to the spec's out type\n"
+           f"    y[i] = epilogue(q, i);\n  }}\n}}\n}};")
+    return [], [table_struct(p.config, table), run], set()
+
+
+def _div_call(layer: Layer, cfg: str, array) -> list[str]:
+    a, b = layer.inputs
+    return [f"{cfg}_run::run({array(a)}, {array(b)}, {array(layer.output)});"]
+
+
+layer_kind(LayerKind("div", _build_div, _div_config, _div_call, iterations=lambda layer: layer.params.size,
+                     check=_check_div, header=HEADER))

@@ -60,8 +60,7 @@ def log_softmax(x, *, axis=-1):
     return torch.log_softmax(x, dim=axis)
 
 
-@ir_op("nonlinear", "Div", emit=emit_nonlinear(),
-       hls=NoHls("no HLS form for division by an activation yet (its emulation and ONNX form are exact)"))
+@ir_op("nonlinear", "Div", emit=emit_nonlinear(), hls=HlsForm.head("div"))
 def div(a, b, *, fixed=None):
     """Division by a runtime tensor (division by a constant is imported as mul by its reciprocal);
     with ``fixed``, ``out(a * reciprocal_table(b))`` (a positive divisor)."""
