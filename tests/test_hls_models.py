@@ -7,7 +7,7 @@
 * :func:`zoo1d`: 1-D conv, PRelu, 1-D MaxPool, Split, Neg, 3-input Sum, HardSwish, Gather, Gemm.
 * :func:`hostile`: node and tensor names full of ``*/``, quotes, newlines, ``#include``, C++
   keywords and non-ASCII text.
-* :func:`with_softmax`: a Gemm followed by Softmax (no HLS form).
+* :func:`with_softmax`: a Gemm followed by Softmax (no HLS form when left in float).
 """
 
 from __future__ import annotations

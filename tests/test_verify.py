@@ -17,7 +17,7 @@ from qfx_onnx.quant.annotated import verify_annotated, write_annotated
 from qfx_onnx.quant.policy import Policy
 from qfx_onnx.quant.quantize import quantize_graph
 
-from test_annotated import MODELS, ROOT, data, fixed_model, rich_fixed  # noqa: F401 - fixture
+from test_annotated import MODELS, ROOT, data, fixed_model, rich_fixed, rich_model  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,7 +113,9 @@ def test_per_channel_weights_match(tmp_path):
 
 
 def test_nonlinear_ops_and_uncast_outputs_are_reported(tmp_path):
-    fixed = rich_fixed()
+    """Nonlinear ops evaluated in float (``[nonlinear] exact = false``) are not guaranteed exact."""
+    calib = [torch.randn(64, 2, 8, 8, generator=torch.Generator().manual_seed(0))]
+    fixed = quantize_graph(load_onnx(rich_model()), calib, Policy(nonlinear={"exact": False}))
     x = torch.randn(16, 2, 8, 8, generator=torch.Generator().manual_seed(2))
     result = verify_annotated(fixed, write_annotated(fixed, tmp_path / "rich.onnx"), x)
     check_consistent(result)
@@ -122,6 +124,18 @@ def test_nonlinear_ops_and_uncast_outputs_are_reported(tmp_path):
     assert "softmax" in by_name["out"].reason
     assert by_name["rp"].role == "output"  # a graph output after a reshape, not a cast tensor
     assert by_name["h1"].predicted_exact and by_name["h1"].matches
+
+
+def test_exact_nonlinear_ops_are_not_blamed(tmp_path):
+    """By default sigmoid and softmax have their exact fixed-point definition: onnxruntime
+    reproduces them bit for bit, and verify no longer names them as a reason."""
+    fixed = rich_fixed()
+    x = torch.randn(16, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    result = verify_annotated(fixed, write_annotated(fixed, tmp_path / "rich.onnx"), x)
+    check_consistent(result)
+    by_name = {layer.tensor: layer for layer in result.layers}
+    for tensor in ("sg", "out"):
+        assert by_name[tensor].matches and "computed by onnxruntime" not in by_name[tensor].reason
 
 
 def test_a_wrong_onnx_model_is_caught(tmp_path):

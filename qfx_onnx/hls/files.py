@@ -17,10 +17,19 @@ PACKAGE = "qfx_onnx.hls"
 FOLDER = "templates"
 
 
+# fixed C++ files shipped beside the templates: the nonlinear kernels' header lives with its Python
+HEADER_FOLDERS = ((PACKAGE, FOLDER), ("qfx_onnx.nonlinear", "cpp"))
+
+
 @functools.lru_cache(maxsize=None)
 def header(name: str) -> str:
-    """The text of the fixed C++ file ``templates/<name>`` (FileNotFoundError if it is missing)."""
-    return resources.files(PACKAGE).joinpath(FOLDER, name).read_text(encoding="utf-8")
+    """The text of the fixed C++ file ``templates/<name>`` (or ``qfx_onnx/nonlinear/cpp/<name>``);
+    FileNotFoundError if it is in neither."""
+    for package, folder in HEADER_FOLDERS:
+        path = resources.files(package).joinpath(folder, name)
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    raise FileNotFoundError(f"no shipped C++ file {name!r}")
 
 
 @functools.lru_cache(maxsize=1)

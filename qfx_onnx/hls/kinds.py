@@ -343,3 +343,6 @@ def _matmul_act_call(layer: Layer, cfg: str, array) -> list[str]:
 layer_kind(LayerKind("matmul_act", _build_matmul_act, _matmul_act_config, _matmul_act_call,
                      iterations=lambda layer: layer.params.n_batch * layer.params.n_rows,
                      check=_check_matmul_act, header="matmul.h"))
+
+# the exact nonlinear kernels' kinds (softmax) register themselves in their own module
+from qfx_onnx.hls import nonlinear_kinds  # noqa: E402,F401

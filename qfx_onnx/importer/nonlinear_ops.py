@@ -106,3 +106,19 @@ def convert_reduce_max_18(ctx: NodeContext) -> None:
     """ReduceMax, ``axes`` an optional constant input (opset 18 on)."""
     axes = ctx.const(1, "axes")
     _reduce_max(ctx, None if axes is None else axes.tolist())
+
+
+# Exact nonlinear ops read back from an annotated model: :func:`qfx_onnx.nonlinear.onnx_wiring.collapse_exact`
+# turns each tagged emission into one node of the ``qfx.nonlinear`` domain whose op type is the
+# IR op and whose attributes are its keywords (the ``fixed`` spec included).
+def _convert_exact(ctx: NodeContext, fn) -> None:
+    roles = {"layer_norm": (None, "weight", "bias")}.get(fn.__name__, ())
+    args = [ctx.input(i, role=roles[i]) if i < len(roles) and roles[i] else ctx.input(i)
+            for i in range(len(ctx.node.input))]
+    kwargs = {a.name: ctx.attr(a.name) for a in ctx.node.attribute}
+    ctx.emit(fn, *args, **kwargs)
+
+
+for _fn in (ops.sigmoid, ops.tanh, ops.exp, ops.erf, ops.gelu, ops.sqrt, ops.reciprocal, ops.div, ops.softmax,
+            ops.layer_norm):
+    converter(_fn.__name__, since=1, domain="qfx.nonlinear")(lambda ctx, fn=_fn: _convert_exact(ctx, fn))

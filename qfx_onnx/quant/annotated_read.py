@@ -24,6 +24,7 @@ from qfx_onnx.fixed.types import FixedType
 from qfx_onnx.importer import load_onnx
 from qfx_onnx.importer.reader import read_model
 from qfx_onnx.ir.ops import IR_OPS
+from qfx_onnx.nonlinear.onnx_wiring import collapse_exact, restore_types
 from qfx_onnx.quant.annotated import (
     CAST_ROLES, KEY_ROLE, KEY_TYPE, LOSSLESS, META_SOURCE, NODE_IR_OP, NOT_ANNOTATED, CastCall, annotations, find_casts,
     parse_imported, parse_khot, parse_types,
@@ -49,7 +50,9 @@ def read_annotated(source: str | os.PathLike | onnx.ModelProto) -> FixedPointMod
         raise OnnxModelError(f"{label}: {NOT_ANNOTATED}")
     notes = annotations(model.graph, label)
     types, axes, roles = _cast_types(model, casts, notes, label)
-    float_model = strip_casts(model, casts)
+    collapsed, typed = collapse_exact(model)
+    float_model = strip_casts(collapsed, casts)
+    restore_types(float_model, typed, {c.raw: c.tensor for c in casts})
     gm = load_onnx(float_model)  # restores the tagged IR ops (restore_qfx_marks)
     try:
         fixed = quantize_with_types(gm, types)

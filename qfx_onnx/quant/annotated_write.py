@@ -181,6 +181,20 @@ class _Writer:
         self.graph.initializer.append(numpy_helper.from_array(np.array(array, order="C"), name))  # keeps 0-d shapes
         return name
 
+    def extend(self, nodes: Sequence[onnx.NodeProto], initializers: Sequence[onnx.TensorProto]) -> None:
+        """Append nodes and initializers built elsewhere (an OnnxBuilder's), their names unique."""
+        for tensor in initializers:
+            if tensor.name in self._tensors:
+                raise ExportError(f"tensor name {tensor.name!r} used twice")
+            self._tensors.add(tensor.name)
+            self.graph.initializer.append(tensor)
+        for node in nodes:
+            if node.name in self._node_names:
+                raise ExportError(f"node name {node.name!r} used twice")
+            self._node_names.add(node.name)
+            self._tensors.update(node.output)
+            self.nodes.append(node)
+
     def arg(self, value) -> str:
         """The ONNX tensor name of an fx argument ("" for None)."""
         if value is None:

@@ -7,6 +7,12 @@ the spirit of hls4ml's per-layer precision config::
     weight_bits = 6
     rounding = "AP_RND_CONV"
 
+    [nonlinear]             # exact fixed-point nonlinear ops (see qfx_onnx.nonlinear.wiring)
+    table_bits = 10         # index bits of one-input tables (sigmoid, tanh, exp, erf, gelu, sqrt, reciprocal)
+    guard_bits = 8          # result bits beyond the following cast's LSB
+    exp_bits = 10           # softmax's exponent table; reciprocal_bits its reciprocal (and div's)
+    rsqrt_bits = 10         # layer_norm's 1/sqrt table; exact = false: float evaluation then the cast
+
     [[override]]
     node = "conv1*"         # glob on the ONNX node name   } at least one of
     op = "Conv"             # ONNX op type                   } node / op / tensor;
@@ -80,6 +86,7 @@ class Policy:
     sat_bits: int = 0
     weight_overflow: OverflowMode | None = None  # None: same as overflow
     overrides: list[Override] = field(default_factory=list)
+    nonlinear: dict = field(default_factory=dict)  # the [nonlinear] section (NONLINEAR_SCHEMA)
     _used: set[int] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
@@ -188,6 +195,11 @@ DEFAULTS_SCHEMA = {
     "rounding": _mode(QuantMode), "overflow": _mode(OverflowMode), "weight_overflow": _mode(OverflowMode),
     "sat_bits": _integer(0, MAX_BITS),
 }
+_TABLE_BITS = _integer(1, 16)
+NONLINEAR_SCHEMA = {
+    "exact": _boolean, "table_bits": _TABLE_BITS, "guard_bits": _integer(0, 16), "exp_bits": _TABLE_BITS,
+    "reciprocal_bits": _TABLE_BITS, "rsqrt_bits": _TABLE_BITS,
+}
 OVERRIDE_SCHEMA = {
     "node": _text, "op": _text, "tensor": _text, "role": _one_of(ROLES), "bits": _BITS, "type": _fixed_type,
     "rounding": _mode(QuantMode), "overflow": _mode(OverflowMode), "sat_bits": _integer(0, MAX_BITS), "unsigned": _boolean,
@@ -220,12 +232,15 @@ def load_policy(path: str | Path | None = None, **flags) -> Policy:
     ConfigError naming the file, the section, the key and what is allowed.
     """
     defaults: dict = {}
+    nonlinear: dict = {}
     overrides: list[Override] = []
     if path is not None:
         raw = _read_config(Path(path))
-        unknown = sorted(set(raw) - {"defaults", "override"})
+        unknown = sorted(set(raw) - {"defaults", "override", "nonlinear"})
         if unknown:
-            raise ConfigError(f"{path}: unknown section(s) {', '.join(map(repr, unknown))}; expected defaults and override")
+            raise ConfigError(f"{path}: unknown section(s) {', '.join(map(repr, unknown))}; "
+                              "expected defaults, nonlinear and override")
+        nonlinear = _validated(raw.get("nonlinear", {}), NONLINEAR_SCHEMA, f"{path} section 'nonlinear'")
         defaults = _validated(raw.get("defaults", {}), DEFAULTS_SCHEMA, f"{path} section 'defaults'")
         entries = raw.get("override", [])
         if not isinstance(entries, list):
@@ -241,7 +256,7 @@ def load_policy(path: str | Path | None = None, **flags) -> Policy:
         except ValueError as exc:
             raise ConfigError(f"--{key.replace('_', '-')} {value}: {exc}") from None
     try:
-        return Policy(**defaults, overrides=overrides)
+        return Policy(**defaults, overrides=overrides, nonlinear=nonlinear)
     except QfxError:
         raise
     except (TypeError, ValueError) as exc:

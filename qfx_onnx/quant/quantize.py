@@ -22,6 +22,8 @@ The pipeline, each step a plain function:
    modes stay). A policy override with a fixed type still wins over both.
 4. :func:`insert_quantizers` splices them into the graph (an imported ``fixed_cast`` becomes
    ``identity``: its cast module does the cast); the result is a :class:`FixedPointModel`.
+5. :func:`~qfx_onnx.quant.nonlinear_specs.attach_nonlinear` gives each nonlinear op its exact
+   fixed-point definition (the policy's ``[nonlinear]`` section) from the types around it.
 
 The emulation runs in float64: every cast is exact there, and sums of products are exact while
 the lossless accumulator fits 53 bits (see :mod:`qfx_onnx.quant.typeprop`).
@@ -304,9 +306,22 @@ class FixedPointModel(nn.Module):
         return out
 
     def set_casts_enabled(self, enabled: bool) -> None:
-        """Switch every cast on or off (off: the float model, for comparisons)."""
+        """Switch every cast on or off (off: the float model, for comparisons). Off also sets
+        aside the nonlinear ops' exact definitions (``fixed`` specs, kept in ``meta``) so that
+        they evaluate in float; on puts them back."""
         for quant in self.quantizers().values():
             quant.enabled = enabled
+        changed = False
+        for node in self.graph_module.graph.nodes:
+            if not enabled and node.kwargs.get("fixed"):
+                node.meta["qfx_fixed"] = node.kwargs["fixed"]
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "fixed"}
+                changed = True
+            elif enabled and "qfx_fixed" in node.meta:
+                node.kwargs = {**node.kwargs, "fixed": node.meta.pop("qfx_fixed")}
+                changed = True
+        if changed:
+            self.graph_module.recompile()
 
 
 def insert_quantizers(gm: fx.GraphModule, sites: list[CastSite], quantizers: dict[str, FixedQuantizer],
@@ -379,6 +394,8 @@ def quantize_graph(gm: fx.GraphModule, calib_batches: Iterable[torch.Tensor], po
                                   recalibrate_imported=recalibrate_imported)
     model = insert_quantizers(gm, sites, quantizers)
     align_bias_fracs(model)
+    from qfx_onnx.quant.nonlinear_specs import NonlinearSettings, attach_nonlinear  # it imports this module
+    attach_nonlinear(model, NonlinearSettings(**policy.nonlinear))
     return model
 
 

@@ -4,8 +4,10 @@ tensor with the torch emulation, bit for bit.
 Values of types of at most 24 bits are exact float32 numbers, so the emulation's float64 values are
 compared as float32 bit patterns with onnxruntime's. Type propagation predicts where float32 cannot
 guarantee that: a lossless intermediate wider than float32's 24-bit significand (a wide
-accumulator), a nonlinear op (sigmoid, softmax ...) that onnxruntime evaluates with its own float32
-approximation, and everything computed from such a value.
+accumulator), a nonlinear op (sigmoid, softmax ...) without its exact fixed-point definition (no
+``fixed`` spec, see :mod:`qfx_onnx.nonlinear.wiring`), which onnxruntime evaluates with its own
+float32 approximation, and everything computed from such a value. An op with a spec is written as
+its integer definition (tables gathered in float64) and is compared as exact.
 """
 
 from __future__ import annotations
@@ -231,7 +233,7 @@ def _predict(gm: fx.GraphModule, values: dict[fx.Node, ValueInfo]) -> dict[fx.No
     for node in gm.graph.nodes:
         op = op_of(node.target) if node.op == "call_function" else None
         where = node.meta.get("onnx_name") or node.name
-        if op is not None and op.kind == "nonlinear":
+        if op is not None and op.kind == "nonlinear" and not node.kwargs.get("fixed"):
             exact[node] = (False, f"{op.name} ({where}) is computed by onnxruntime in float32")
         elif op is not None and not values[node].exact_float32:
             exact[node] = (False, f"{where} needs {_type_text(values[node])}, wider than float32's 24 bits")

@@ -67,6 +67,7 @@ from torch.utils.data import DataLoader, Dataset
 from qfx_onnx.errors import QfxError
 from qfx_onnx.fixed.quantizer import BinaryPointQuantizer
 from qfx_onnx.fxcopy import copy_module, load_state
+from qfx_onnx.quant.nonlinear_specs import refresh_nonlinear
 from qfx_onnx.quant.quantize import FixedPointModel, align_bias_fracs
 from qfx_onnx.train import checkpoint as ckpt
 from qfx_onnx.train import distributed as dist_util
@@ -372,6 +373,7 @@ class _Run:
         # biases narrower than their layer's product LSB from the start (see _aligned)
         align_bias_fracs(self.model)
         self.model.to(self.device, torch.float64)
+        refresh_nonlinear(self.model)  # the nonlinear ops' tables for the types training starts from
         self.fingerprint = {**cfg.fingerprint(), "model": _state_hash(self.model),
                             "structure": hashlib.sha256(repr(describe(self.model)).encode()).hexdigest()[:16],
                             "train_samples": self.batches.n if self.batches else None,
@@ -548,6 +550,7 @@ class _Run:
         align_bias_fracs(self.model)
         self.model.to(self.device, torch.float64)
         bake_parameters(self.model)
+        refresh_nonlinear(self.model)  # tables for the learned types (exact either way; this keeps them accurate)
         final = self._test_once()
         after = _int_fracs(self.model)
         self.model.to(self.home)

@@ -20,15 +20,20 @@ import numpy as np
 import torch
 
 from qfx_onnx.ir.defs.arith import _emit_reduce, _first
+from qfx_onnx.ir.defs.nonlinear import emit_nonlinear
 from qfx_onnx.ir.opdef import HlsForm, ir_op
+from qfx_onnx.nonlinear.wiring import evaluate
 
 
-@ir_op("nonlinear", "LayerNormalization")
-def layer_norm(x, scale, bias=None, *, axis, epsilon):
+@ir_op("nonlinear", "LayerNormalization", emit=emit_nonlinear(), hls=HlsForm.head("layer_norm"))
+def layer_norm(x, scale, bias=None, *, axis, epsilon, fixed=None):
     """ONNX LayerNormalization (opset 17): over the dims ``axis .. rank-1`` (``axis`` non-negative),
     ``(x - mean) / sqrt(var + epsilon) * scale + bias`` with ``var`` the biased (population)
     variance ``mean((x - mean)^2)``; ``scale`` and ``bias`` broadcast to those trailing dims.
-    Computed in the input's precision (ONNX's ``stash_type`` float32 on float32 inputs)."""
+    Computed in the input's precision (ONNX's ``stash_type`` float32 on float32 inputs). With
+    ``fixed`` (last axis only), :func:`~qfx_onnx.nonlinear.kernels.layer_norm_exact`."""
+    if fixed:
+        return evaluate("layer_norm", fixed, x, scale, bias)
     dims = tuple(range(axis, x.dim()))
     mean = x.mean(dim=dims, keepdim=True)
     centred = x - mean
@@ -61,35 +66,40 @@ def _emit_gelu(w, node, out: str, name: str) -> None:
     w.node("Mul", [x, gate], [out], name)
 
 
-@ir_op("nonlinear", "Gelu", emit=_emit_gelu)
-def gelu(x, *, approximate="none"):
+@ir_op("nonlinear", "Gelu", emit=emit_nonlinear(_emit_gelu), hls=HlsForm.table_of())
+def gelu(x, *, approximate="none", fixed=None):
     """ONNX Gelu (opset 20): ``approximate="none"``: ``0.5 * x * (1 + erf(x / sqrt(2)))``;
-    ``"tanh"``: ``0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))``."""
+    ``"tanh"``: ``0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))``. With ``fixed``,
+    its table (zero below -4, the input above 4)."""
+    if fixed:
+        return evaluate("gelu", fixed, x, approximate=approximate)
     return torch.nn.functional.gelu(x, approximate=approximate)
 
 
-@ir_op("nonlinear", "Erf")
-def erf(x):
-    """The Gauss error function ``2 / sqrt(pi) * integral_0^x exp(-t^2) dt``."""
-    return torch.erf(x)
+@ir_op("nonlinear", "Erf", emit=emit_nonlinear(), hls=HlsForm.table_of())
+def erf(x, *, fixed=None):
+    """The Gauss error function ``2 / sqrt(pi) * integral_0^x exp(-t^2) dt``; with ``fixed``, its table."""
+    return evaluate("erf", fixed, x) if fixed else torch.erf(x)
 
 
-@ir_op("nonlinear", "Exp")
-def exp(x):
-    """``e^x``."""
-    return torch.exp(x)
+@ir_op("nonlinear", "Exp", emit=emit_nonlinear(), hls=HlsForm.table_of())
+def exp(x, *, fixed=None):
+    """``e^x``; with ``fixed``, its table (clamped at the ends of the input type)."""
+    return evaluate("exp", fixed, x) if fixed else torch.exp(x)
 
 
-@ir_op("nonlinear", "Sqrt")
-def sqrt(x):
-    """The square root (NaN below zero, as ONNX Sqrt)."""
-    return torch.sqrt(x)
+@ir_op("nonlinear", "Sqrt", emit=emit_nonlinear(), hls=HlsForm.table_of())
+def sqrt(x, *, fixed=None):
+    """The square root (NaN below zero, as ONNX Sqrt); with ``fixed``, its log2-indexed table of
+    positive inputs (inputs below the smallest positive code read its entry)."""
+    return evaluate("sqrt", fixed, x) if fixed else torch.sqrt(x)
 
 
-@ir_op("nonlinear", "Reciprocal")
-def reciprocal(x):
-    """``1 / x`` (infinite at zero, as ONNX Reciprocal)."""
-    return torch.reciprocal(x)
+@ir_op("nonlinear", "Reciprocal", emit=emit_nonlinear(), hls=HlsForm.table_of())
+def reciprocal(x, *, fixed=None):
+    """``1 / x`` (infinite at zero, as ONNX Reciprocal); with ``fixed``, its log2-indexed table of
+    positive inputs."""
+    return evaluate("reciprocal", fixed, x) if fixed else torch.reciprocal(x)
 
 
 @ir_op("arith", "ReduceMax", type_rule=_first, emit=_emit_reduce, hls=HlsForm.head("reduce", is_max=True))
