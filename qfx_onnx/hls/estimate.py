@@ -19,8 +19,9 @@ unrolled, as conv), so:
   weights live in the logic and count 0). An array is split into ``ceil(n / R)`` banks of depth
   ``R`` (cyclic partitioning); a bank of more than 1,024 bits goes to BRAM18K, counted with the
   best aspect ratio (16K x 1 ... 512 x 36); smaller banks are LUTRAM or registers; a nonlinear
-  kernel's lookup tables (``layer.params.tables``: softmax's exponent and reciprocal) count as one
-  ROM each, ``LookupTable.bits`` = entries x width;
+  kernel's lookup tables (``layer.params.tables``: softmax's exponent and reciprocal) and a
+  one-input op's compact table (a ``table`` step) count as one ROM each, ``LookupTable.bits`` =
+  entries x width;
 * **latency** of a layer = ``iterations * R + depth`` cycles, depth = ``ceil(log2(terms)) + 2``
   for sums of products and 2 otherwise. ``--io parallel`` runs the layers one after another
   (latency = the sum, interval = the latency); ``--io stream`` overlaps them under DATAFLOW
@@ -126,7 +127,8 @@ def estimate_layer(layer: Layer, reuse: int) -> LayerEstimate:
         bank_depth = math.ceil(c.size / banks)
         if bank_depth * c.ctype.type.width > BRAM_BITS_THRESHOLD:
             est.bram18 += banks * bram18(bank_depth, c.ctype.type.width)
-    for table in getattr(layer.params, "tables", ()):  # a nonlinear kernel's LookupTables, one ROM each
+    tables = list(getattr(layer.params, "tables", ())) + [s.lookup for s in layer.steps if s.kind == "table"]
+    for table in tables:  # a nonlinear kernel's or op's LookupTables, one ROM each
         est.weight_bits += table.bits
         if table.bits > BRAM_BITS_THRESHOLD:
             est.bram18 += bram18(table.size, table.out_type.width)
