@@ -155,6 +155,8 @@ TABLE_NODES = [("sigmoid0", "sigmoid", "y0", {}), ("tanh1", "tanh", "y1", {}), (
 def test_hls_csim_bit_exact_for_every_table_op_softmax_and_layer_norm(tmp_path):
     """One C-simulation: sigmoid, tanh, exp, erf, both GELUs, softmax, sqrt, reciprocal, division
     by an activation and LayerNormalization."""
+    from qfx_onnx.hls.estimate import bram18
+
     x = _inputs()
     fm = quantize(_model(), x, act_bits=8)
     result = export_hls(fm, tmp_path / "prj", data=(x,), n_vectors=64, csim=True)
@@ -176,6 +178,9 @@ def test_hls_csim_bit_exact_for_every_table_op_softmax_and_layer_norm(tmp_path):
         table = wiring.build(op, _specs(fm)[node], kwargs.get("approximate", "none"))
         all_codes = (1 << table.in_type.width) * q[out].frozen_types()[0].width
         assert (weights / f"w_{out}_lut.h").exists() == (table.bits >= all_codes), node
+        if table.bits >= all_codes:  # a data-indexed table is one ROM: 2048 bits, one BRAM18K
+            e = next(e for e in result.report["layers"] if e["onnx_node"] == node)
+            assert e["weight_bits"] == all_codes and e["bram18"] == bram18(256, all_codes // 256) == 1
     assert {"w_y0_lut.h", "w_y1_lut.h", "w_y2_lut.h"} == {p.name for p in weights.glob("*_lut.h")}
 
 
