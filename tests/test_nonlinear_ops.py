@@ -3,7 +3,8 @@
 Each op quantized gets a ``fixed`` spec (qfx_onnx.nonlinear.wiring): the emulation evaluates its
 tables and kernels on integer codes, the annotated ONNX reproduces it in onnxruntime (verify
 reports every tensor predicted exact with zero mismatches), the model read back has the same
-specs, and the HLS project C-simulates bit-exact (one-input ops as tables over every input code,
+specs, and the HLS project C-simulates bit-exact (one-input ops as tables over every input code
+when the input is narrow, else as the spec's own compact table read by qfx_nl::table_lookup;
 softmax as a layer on qfx_nl::softmax_stable). The shipped cnn with a Softmax head goes through
 the CLI (quantize, finetune, export-hls --csim).
 """
@@ -145,9 +146,17 @@ def test_policy_nonlinear_section(tmp_path):
         load_policy(bad)
 
 
+# the ONNX node, the IR op, its output tensor and its keywords, for each one-input op of _model
+TABLE_NODES = [("sigmoid0", "sigmoid", "y0", {}), ("tanh1", "tanh", "y1", {}), ("exp2", "exp", "y2", {}),
+               ("erf3", "erf", "y3", {}), ("gelu4", "gelu", "y4", {}), ("gelu5", "gelu", "y5", {"approximate": "tanh"}),
+               ("sqrt", "sqrt", "z0", {}), ("reciprocal", "reciprocal", "z1", {})]
+
+
 def test_hls_csim_bit_exact_for_every_table_op_softmax_and_layer_norm(tmp_path):
     """One C-simulation: sigmoid, tanh, exp, erf, both GELUs, softmax, sqrt, reciprocal, division
     by an activation and LayerNormalization."""
+    from qfx_onnx.hls.estimate import bram18
+
     x = _inputs()
     fm = quantize(_model(), x, act_bits=8)
     result = export_hls(fm, tmp_path / "prj", data=(x,), n_vectors=64, csim=True)
@@ -160,6 +169,47 @@ def test_hls_csim_bit_exact_for_every_table_op_softmax_and_layer_norm(tmp_path):
     assert {"softmax", "layer_norm", "div"} <= {e["kind"] for e in result.report["layers"]}
     ln = next(e for e in result.report["layers"] if e["kind"] == "layer_norm")
     assert ln["weight_bits"] >= wiring.build("layer_norm", _specs(fm)["ln"]).rsqrt.bits
+    # 8-bit inputs: the all-codes table (256 entries of the cast) where it is no bigger than the
+    # spec's own (sigmoid, tanh, exp), else the compact one (erf and gelu clamp or pass through
+    # beyond +-4, sqrt and reciprocal read a log2 index)
+    weights = tmp_path / "prj" / "firmware" / "weights"
+    q = fm.quantizers()
+    for node, op, out, kwargs in TABLE_NODES:
+        table = wiring.build(op, _specs(fm)[node], kwargs.get("approximate", "none"))
+        all_codes = (1 << table.in_type.width) * q[out].frozen_types()[0].width
+        assert (weights / f"w_{out}_lut.h").exists() == (table.bits >= all_codes), node
+        if table.bits >= all_codes:  # a data-indexed table is one ROM: 2048 bits, one BRAM18K
+            e = next(e for e in result.report["layers"] if e["onnx_node"] == node)
+            assert e["weight_bits"] == all_codes and e["bram18"] == bram18(256, all_codes // 256) == 1
+    assert {"w_y0_lut.h", "w_y1_lut.h", "w_y2_lut.h"} == {p.name for p in weights.glob("*_lut.h")}
+
+
+def test_wide_inputs_read_the_compact_tables_in_csim(tmp_path):
+    """16-bit activations into every one-input op: the C++ reads the spec's own table of at most
+    2**table_bits entries (the index cast, then clamp and shift, or the log2 index of sqrt and
+    reciprocal) instead of 2**16 entries, bit-exact in C-simulation; the estimate counts each
+    table as one ROM of LookupTable.bits."""
+    from qfx_onnx.hls.estimate import BRAM_BITS_THRESHOLD, bram18
+
+    x = _inputs(256)
+    fm = quantize(_model(div=False, layer_norm=False), x, act_bits=16, elementwise_bits=16)
+    specs = _specs(fm)
+    prj = tmp_path / "prj"
+    result = export_hls(fm, prj, data=(x,), n_vectors=256, csim=True)
+    assert result.csim.passed and result.csim.mismatches == 0
+    assert not list((prj / "firmware" / "weights").glob("*_lut.h"))  # no all-codes table left
+    params = (prj / "firmware" / "parameters.h").read_text()
+    layers = {e["onnx_node"]: e for e in result.report["layers"]}
+    for node, op, out, kwargs in TABLE_NODES:
+        spec = wiring.parse_spec(specs[node])
+        assert spec["in"].startswith("ap_fixed<16,") or spec["in"].startswith("ap_ufixed<16,"), spec
+        table = wiring.build(op, specs[node], kwargs.get("approximate", "none"))
+        assert table.size <= (1 << int(spec["bits"])), (node, table.size)
+        assert f"struct t_{out}_table {{  // {table.name}: {table.size} entries" in params
+        assert f"qfx_nl::table_lookup<t_{out}_table>" in params
+        e = layers[node]
+        assert e["weight_bits"] == table.bits == table.size * table.out_type.width
+        assert table.bits > BRAM_BITS_THRESHOLD and e["bram18"] == bram18(table.size, table.out_type.width)
 
 
 # ------------------------------------------------------------------------------------ the shipped cnn + Softmax

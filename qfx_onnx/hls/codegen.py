@@ -19,6 +19,8 @@ from qfx_onnx.hls.cpp import exact_decimal, indent, lines, render_chain, render_
 from qfx_onnx.hls.files import render
 from qfx_onnx.hls.kinds import LAYER_KINDS
 from qfx_onnx.hls.model import Constant, Layer
+from qfx_onnx.nonlinear.cpp_emit import HEADER as NONLINEAR_HEADER
+from qfx_onnx.nonlinear.cpp_emit import table_struct
 
 
 
@@ -39,13 +41,14 @@ def render_config(layer: Layer, options: dict) -> tuple[str, set[str]]:
     """The ``config_<layer>`` struct(s) of ``layer`` (its kind's members, then the fused
     element-wise ``epilogue``) and the K-hot sign patterns it uses."""
     members, extra, patterns = LAYER_KINDS[layer.kind].config(layer, options)
+    tables = [table_struct(s.lookup, s.ident) for s in layer.steps if s.kind == "table"]  # before their use
     members = [f"typedef {layer.head_type.ident} head_t;", f"typedef {layer.output.ctype.ident} res_t;",
                f"static const int reuse_factor = {options['reuse_factor']};"] + members
     chain, last = render_chain(layer.steps, layer.head_type)
     members.append(f"static res_t epilogue(const head_t &v0, int i) {{\n#pragma HLS INLINE\n"
                    f"{indent(chain + [f'return {last};'], 2)}\n}}")
     struct = f"struct config_{layer.ident} {{\n{indent(members, 2)}\n}};"
-    return "\n\n".join([struct] + extra), patterns
+    return "\n\n".join(tables + [struct] + extra), patterns
 
 
 def render_parameters(p: dict) -> str:
@@ -64,9 +67,10 @@ def kind_headers(layers: list[Layer]) -> list[str]:
     """The header files of the layer kinds ``layers`` use beyond ``layers.h``, in first-use order."""
     out: list[str] = []
     for layer in layers:
-        name = LAYER_KINDS[layer.kind].header
-        if name is not None and name not in out:
-            out.append(name)
+        names = [LAYER_KINDS[layer.kind].header]
+        if any(s.kind == "table" for s in layer.steps):  # qfx_nl::table_lookup of a compact table
+            names.append(NONLINEAR_HEADER)
+        out += [name for name in names if name is not None and name not in out]
     return out
 
 

@@ -60,6 +60,10 @@ def render_chain(steps: list[Step], head: CType) -> tuple[list[str], str]:
             w = value_t.width
             lines.append(f"ap_uint<{w}> {var}_k = {value}.range({w - 1}, 0);")
             lines.append(f"{step.out.ident} {var} = {step.table.ident}[{var}_k.to_uint()];")
+        elif step.kind == "table":  # the emulation's order: index cast, table, the op's cast
+            s = step.ident
+            lines.append(f"{s}::in_t {var}_x = qfx::cast<{s}::in_t>({value});")
+            lines.append(f"{step.out.ident} {var} = qfx::cast<{step.out.ident}>(qfx_nl::table_lookup<{s}>({var}_x));")
         else:
             lines += render_op(step, var, value)
         value, value_t = var, step.out.type

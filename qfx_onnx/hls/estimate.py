@@ -19,8 +19,10 @@ unrolled, as conv), so:
   weights live in the logic and count 0). An array is split into ``ceil(n / R)`` banks of depth
   ``R`` (cyclic partitioning); a bank of more than 1,024 bits goes to BRAM18K, counted with the
   best aspect ratio (16K x 1 ... 512 x 36); smaller banks are LUTRAM or registers; a nonlinear
-  kernel's lookup tables (``layer.params.tables``: softmax's exponent and reciprocal) count as one
-  ROM each, ``LookupTable.bits`` = entries x width;
+  kernel's lookup tables (``layer.params.tables``: softmax's exponent and reciprocal), a
+  one-input op's compact table (a ``table`` step, ``LookupTable.bits`` = entries x width) and its
+  all-codes table (a ``lut`` step) are read at a data-dependent index, so each counts as one ROM
+  (BRAM18K above 1,024 bits), not as banks of depth ``R``;
 * **latency** of a layer = ``iterations * R + depth`` cycles, depth = ``ceil(log2(terms)) + 2``
   for sums of products and 2 otherwise. ``--io parallel`` runs the layers one after another
   (latency = the sum, interval = the latency); ``--io stream`` overlaps them under DATAFLOW
@@ -117,16 +119,21 @@ def estimate_layer(layer: Layer, reuse: int) -> LayerEstimate:
         if layer.kind in ("dense", "conv", "matmul_act") and prod is layer.products[0]:
             terms = prod.count // max(1, layer.output.size)
             depth = max(depth, math.ceil(math.log2(max(terms, 1))) + 2)
+    luts = {s.table.ident for s in layer.steps if s.kind == "lut"}
     for c in _constants(layer):
         if c.khot:
             continue
         bits = c.size * c.ctype.type.width
         est.weight_bits += bits
+        if c.ident in luts:  # read at a data-dependent index: one ROM, never partitioned by R
+            est.bram18 += bram18(c.size, c.ctype.type.width) if bits > BRAM_BITS_THRESHOLD else 0
+            continue
         banks = max(1, math.ceil(c.size / reuse))
         bank_depth = math.ceil(c.size / banks)
         if bank_depth * c.ctype.type.width > BRAM_BITS_THRESHOLD:
             est.bram18 += banks * bram18(bank_depth, c.ctype.type.width)
-    for table in getattr(layer.params, "tables", ()):  # a nonlinear kernel's LookupTables, one ROM each
+    tables = list(getattr(layer.params, "tables", ())) + [s.lookup for s in layer.steps if s.kind == "table"]
+    for table in tables:  # a nonlinear kernel's or op's LookupTables, one ROM each
         est.weight_bits += table.bits
         if table.bits > BRAM_BITS_THRESHOLD:
             est.bram18 += bram18(table.size, table.out_type.width)

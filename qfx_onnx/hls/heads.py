@@ -79,6 +79,17 @@ class HeadsMixin:
         return self.fixed(node.args[0])
 
     def lut_step(self, node: fx.Node, cast: fx.Node, in_t: FixedType) -> Step:
+        """A one-input op and its cast: the op's own compact table where it holds fewer bits than
+        one entry of the cast's type per input code (or the input is too wide for that), else the
+        all-codes table (``IrOp.hls.table_of``)."""
+        form = op_of(node.target).hls
+        compact = form.compact(node) if form.compact is not None else None
+        out = self.ctype(cast, "tensor")
+        all_codes_bits = (1 << in_t.width) * out.type.width if in_t.width <= MAX_LUT_WIDTH else None
+        if compact is not None and (all_codes_bits is None or compact.bits < all_codes_bits):
+            source = str(cast.meta.get("onnx_name") or cast.name)
+            return Step("table", out, op_name(node), lookup=compact, ident=self.names.name(source + "_table", "t_"),
+                        source=source)
         if in_t.width > MAX_LUT_WIDTH:
             raise ExportError(f"node {label(node)} ({op_name(node)}): input type {in_t} is wider than "
                               f"{MAX_LUT_WIDTH} bits, too wide for a lookup table")
@@ -86,10 +97,9 @@ class HeadsMixin:
         raw = np.arange(1 << in_t.width, dtype=np.int64)
         codes = raw - ((raw >> (in_t.width - 1)) << in_t.width) if in_t.signed else raw
         x = torch.from_numpy(np.ldexp(codes.astype(np.float64), -in_t.frac))
-        fn = op_of(node.target).hls.table or node.target  # the function the table holds (IrOp.hls.table)
+        fn = form.table or node.target  # the function the table holds (IrOp.hls.table)
         with torch.no_grad():
             y = q(fn(x, **node.kwargs))
-        out = self.ctype(cast, "tensor")
         t = out.type
         scaled = y.numpy() * math.ldexp(1.0, t.frac)
         if not np.array_equal(np.round(scaled), scaled):

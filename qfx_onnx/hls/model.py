@@ -69,13 +69,16 @@ class Operand:
 
 @dataclass
 class Step:
-    """One element-wise step: an IR arith op on operands, a quantizer cast, or a lookup table."""
+    """One element-wise step: an IR arith op on operands, a quantizer cast, a lookup table over every
+    input code (``lut``) or a nonlinear op's own compact table (``table``: index cast, lookup, cast)."""
 
-    kind: Literal["op", "cast", "lut"]
+    kind: Literal["op", "cast", "lut", "table"]
     out: CType
     op: str = ""
     operands: list[Operand] = field(default_factory=list)
     table: Constant | None = None  # lut: output codes indexed by the input's raw bits
+    lookup: Any = None  # table: the op's LookupTable (qfx_onnx.fixed.tables), C++ struct ``ident``
+    ident: str = ""  # table: the name of its struct (qfx_onnx.nonlinear.cpp_emit.table_struct)
     source: str = ""
     temps: dict[str, CType] = field(default_factory=dict)  # op: its temporaries' types (IrOp.hls.temps)
 

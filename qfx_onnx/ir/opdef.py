@@ -48,7 +48,12 @@ import list), holding, side by side:
      the op itself, float64 values of every code of the input type) then the cast give the table
      entries (exact ``FixedType`` codes, computed once), so the C++ equals the emulation whatever
      ``fn`` computes, including an exact fixed-point kernel with tables of its own; the table is
-     counted in the estimate as a constant array (LUT or BRAM by its size);
+     counted in the estimate as a constant array (LUT or BRAM by its size).
+     ``HlsForm.table_of(fn, compact=rule)``: ``rule(node) -> LookupTable | None`` is the op's own
+     table (its ``fixed`` spec's, :mod:`qfx_onnx.nonlinear.wiring`); where it holds fewer bits
+     than the all-codes table (or the input is wider than 16 bits) the C++ reads it instead, as the
+     emulation does: the index cast, then ``qfx_nl::table_lookup`` (clamp and shift, or the log2
+     index), then the cast; the estimate counts ``LookupTable.bits`` as one ROM;
    * ``HlsForm.head("kind")``: the op heads a layer of a layer kind registered with
      :func:`qfx_onnx.hls.kinds.layer_kind` (``build``, ``config``, ``call``, ``iterations`` and
      the C++ ``header`` file under ``qfx_onnx/hls/templates/``). A new layer kind is defined in
@@ -114,6 +119,7 @@ class HlsForm:
     temps: Callable[[list], dict] | None = None  # step: operand types -> {name: FixedType} of its temporaries
     products: int = 0  # step: multiplications per output element
     table: Callable | None = None  # table: the function tabulated (None: the op's own)
+    compact: Callable | None = None  # table: node -> the op's own LookupTable (or None), read when smaller
     options: dict = field(default_factory=dict, hash=False)  # head: what its layer kind reads (pool: is_max)
 
     @staticmethod
@@ -133,8 +139,8 @@ class HlsForm:
         return HlsForm("step", cpp=cpp, temps=temps, products=products)
 
     @staticmethod
-    def table_of(fn: Callable | None = None) -> "HlsForm":
-        return HlsForm("table", table=fn)
+    def table_of(fn: Callable | None = None, *, compact: Callable | None = None) -> "HlsForm":
+        return HlsForm("table", table=fn, compact=compact)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,10 @@ After quantization the ops with an exact fixed-point definition carry the keywor
 spec string, :mod:`qfx_onnx.nonlinear.wiring`): the function then evaluates that definition
 (tables on the input's codes, explicit intermediate types), the annotated ONNX writes it as
 Gathers on the tables (:func:`~qfx_onnx.nonlinear.onnx_wiring.emit_exact`), and in HLS an op of
-one input followed by one cast is a lookup table over every code of its input type filled by the
-emulation itself (``HlsForm.table_of``); softmax is a layer (:mod:`qfx_onnx.hls.nonlinear_kinds`).
+one input followed by one cast reads the spec's own compact table (:func:`spec_table`: index cast,
+clamp and shift or log2 index, ``qfx_nl::table_lookup``) or, where that is no smaller, a table over
+every code of its input type filled by the emulation itself (``HlsForm.table_of``); softmax is a
+layer (:mod:`qfx_onnx.hls.nonlinear_kinds`).
 Without ``fixed`` (float graphs, ``[nonlinear] exact = false``) they evaluate in float.
 Ops without an exact definition are refused by the HLS exporter with the reason given here."""
 
@@ -17,7 +19,16 @@ import torch.nn.functional as F
 
 from qfx_onnx.ir.opdef import HlsForm, NoHls, ir_op
 from qfx_onnx.nonlinear.onnx_wiring import emit_exact
-from qfx_onnx.nonlinear.wiring import evaluate
+from qfx_onnx.nonlinear.wiring import build, evaluate
+
+
+def spec_table(node):
+    """The LookupTable of a one-input op's ``fixed`` spec (None without one): the compact table
+    its HLS form reads (``HlsForm.table_of(compact=spec_table)``)."""
+    spec = node.kwargs.get("fixed")
+    if not spec:
+        return None
+    return build(node.target.ir_op.name, spec, node.kwargs.get("approximate", "none"))
 
 
 def emit_nonlinear(fallback=None):
@@ -33,13 +44,13 @@ def emit_nonlinear(fallback=None):
     return emit
 
 
-@ir_op("nonlinear", "Sigmoid", emit=emit_nonlinear(), hls=HlsForm.table_of())
+@ir_op("nonlinear", "Sigmoid", emit=emit_nonlinear(), hls=HlsForm.table_of(compact=spec_table))
 def sigmoid(x, *, fixed=None):
     """Logistic sigmoid; with ``fixed``, its table."""
     return evaluate("sigmoid", fixed, x) if fixed else torch.sigmoid(x)
 
 
-@ir_op("nonlinear", "Tanh", emit=emit_nonlinear(), hls=HlsForm.table_of())
+@ir_op("nonlinear", "Tanh", emit=emit_nonlinear(), hls=HlsForm.table_of(compact=spec_table))
 def tanh(x, *, fixed=None):
     """Hyperbolic tangent; with ``fixed``, its table."""
     return evaluate("tanh", fixed, x) if fixed else torch.tanh(x)

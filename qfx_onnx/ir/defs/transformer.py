@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from qfx_onnx.ir.defs.arith import _emit_reduce, _first
-from qfx_onnx.ir.defs.nonlinear import emit_nonlinear
+from qfx_onnx.ir.defs.nonlinear import emit_nonlinear, spec_table
 from qfx_onnx.ir.opdef import HlsForm, ir_op
 from qfx_onnx.nonlinear.wiring import evaluate
 
@@ -66,7 +66,7 @@ def _emit_gelu(w, node, out: str, name: str) -> None:
     w.node("Mul", [x, gate], [out], name)
 
 
-@ir_op("nonlinear", "Gelu", emit=emit_nonlinear(_emit_gelu), hls=HlsForm.table_of())
+@ir_op("nonlinear", "Gelu", emit=emit_nonlinear(_emit_gelu), hls=HlsForm.table_of(compact=spec_table))
 def gelu(x, *, approximate="none", fixed=None):
     """ONNX Gelu (opset 20): ``approximate="none"``: ``0.5 * x * (1 + erf(x / sqrt(2)))``;
     ``"tanh"``: ``0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))``. With ``fixed``,
@@ -76,26 +76,26 @@ def gelu(x, *, approximate="none", fixed=None):
     return torch.nn.functional.gelu(x, approximate=approximate)
 
 
-@ir_op("nonlinear", "Erf", emit=emit_nonlinear(), hls=HlsForm.table_of())
+@ir_op("nonlinear", "Erf", emit=emit_nonlinear(), hls=HlsForm.table_of(compact=spec_table))
 def erf(x, *, fixed=None):
     """The Gauss error function ``2 / sqrt(pi) * integral_0^x exp(-t^2) dt``; with ``fixed``, its table."""
     return evaluate("erf", fixed, x) if fixed else torch.erf(x)
 
 
-@ir_op("nonlinear", "Exp", emit=emit_nonlinear(), hls=HlsForm.table_of())
+@ir_op("nonlinear", "Exp", emit=emit_nonlinear(), hls=HlsForm.table_of(compact=spec_table))
 def exp(x, *, fixed=None):
     """``e^x``; with ``fixed``, its table (clamped at the ends of the input type)."""
     return evaluate("exp", fixed, x) if fixed else torch.exp(x)
 
 
-@ir_op("nonlinear", "Sqrt", emit=emit_nonlinear(), hls=HlsForm.table_of())
+@ir_op("nonlinear", "Sqrt", emit=emit_nonlinear(), hls=HlsForm.table_of(compact=spec_table))
 def sqrt(x, *, fixed=None):
     """The square root (NaN below zero, as ONNX Sqrt); with ``fixed``, its log2-indexed table of
     positive inputs (inputs below the smallest positive code read its entry)."""
     return evaluate("sqrt", fixed, x) if fixed else torch.sqrt(x)
 
 
-@ir_op("nonlinear", "Reciprocal", emit=emit_nonlinear(), hls=HlsForm.table_of())
+@ir_op("nonlinear", "Reciprocal", emit=emit_nonlinear(), hls=HlsForm.table_of(compact=spec_table))
 def reciprocal(x, *, fixed=None):
     """``1 / x`` (infinite at zero, as ONNX Reciprocal); with ``fixed``, its log2-indexed table of
     positive inputs."""
