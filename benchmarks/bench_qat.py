@@ -63,7 +63,7 @@ def over_seeds(model, train, test, args, learn: bool, epochs: int) -> list[dict]
     return [qat(model, train, test, epochs, learn, args.lr, seed, args.val_fraction) for seed in args.seeds]
 
 
-STEP_MODES = ["float", "qat", "frozen", "float_compiled", "qat_compiled", "brevitas"]
+STEP_MODES = ["float", "qat", "frozen", "float_compiled", "qat_compiled", "torch_float", "brevitas"]
 
 
 def step_rows(models: list[str], batches: list[int], modes: list[str], device: str, steps: int, repeats: int,
@@ -96,6 +96,8 @@ def _step_line(row: dict) -> str:
     ratios = {k: v / row["float"] for k, v in row.items() if k in STEP_MODES and k != "float"}
     if "float_compiled" in row and "qat_compiled" in row:
         ratios["qat_compiled/float_compiled"] = row["qat_compiled"] / row["float_compiled"]
+    if "torch_float" in row and "brevitas" in row:
+        ratios["brevitas/torch_float"] = row["brevitas"] / row["torch_float"]
     return f"float {1e3 * row['float']:.1f} ms; " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
 
 
@@ -106,7 +108,8 @@ def render_steps(rows: list[dict]) -> str:
     """Markdown: ms per step of each mode and the ratios to the float step (compiled QAT also to
     the compiled float step), with the issue-12 targets."""
     lines = ["| model | casts | batch | device | float ms | QAT eager | frozen BP | float compiled | QAT compiled | "
-             "QAT compiled / float compiled | Brevitas twin |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "QAT compiled / float compiled | native float / our float | QAT / our float | Brevitas / native float |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         def cell(mode: str, base: str = "float") -> str:
             if mode not in r or base not in r:
@@ -117,7 +120,8 @@ def render_steps(rows: list[dict]) -> str:
             return f"{ratio:.2f}x{mark}"
         comp = cell("qat_compiled", "float_compiled")
         lines.append(f"| {r['model']} | {r['casts']} | {r['batch']} | {r['device']} | {1e3 * r['float']:.1f} | {cell('qat')} | "
-                     f"{cell('frozen')} | {cell('float_compiled')} | {cell('qat_compiled')} | {comp} | {cell('brevitas')} |")
+                     f"{cell('frozen')} | {cell('float_compiled')} | {cell('qat_compiled')} | {comp} | "
+                     f"{cell('torch_float')} | {cell('qat')} | {cell('brevitas', 'torch_float')} |")
     return "\n".join(lines) + "\n"
 
 

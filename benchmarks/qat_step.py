@@ -7,7 +7,9 @@ point learnable. Modes, timed in interleaved rounds so that machine load hits ea
 - ``float_compiled`` / ``qat_compiled``: the same models under ``torch.compile`` (what
   ``finetune --compile`` does); ``frozen``: casts on, binary points not learned;
 - ``brevitas``: a Brevitas 0.13.4 twin of the same architecture (8-bit power-of-two scales on
-  weights and activations), when brevitas is installed and the model has a twin.
+  weights and activations), when brevitas is installed and the model has a twin;
+- ``torch_float``: the native float ``nn.Module`` the twin is built on (its baseline: the imported
+  graph and the native module are different programs of the same arithmetic and differ in speed).
 """
 
 from __future__ import annotations
@@ -96,8 +98,9 @@ def step_times(fixed, xs: list[torch.Tensor], ys: list[torch.Tensor], modes: lis
     torch.set_num_threads(1)
     runners: dict[str, Callable[[], float]] = {}
     for mode in modes:
-        if mode == "brevitas":
-            net = brevitas_twin(float_module) if float_module is not None else None
+        if mode in ("brevitas", "torch_float"):
+            twin = brevitas_twin if mode == "brevitas" else copy.deepcopy
+            net = twin(float_module) if float_module is not None else None
             if net is None:
                 continue
         else:

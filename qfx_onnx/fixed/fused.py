@@ -27,7 +27,7 @@ from qfx_onnx.fixed.types import FixedType
 
 
 def _float_cast(x: torch.Tensor, t: FixedType) -> torch.Tensor:
-    """cast.py's float path (W <= 53, no bit-level overflow mode), the body that is compiled."""
+    """cast.py's float path (W <= 53, the bit-level overflow modes included), the body that is compiled."""
     return float_cast(x, float_spec(t), t.frac, work_dtype(x.dtype, t))
 
 

@@ -6,8 +6,9 @@ Every torch cast in the project comes from these functions: eager :func:`~qfx_on
 scale tensors; also traced by ``finetune --compile``). The numpy oracle
 (:mod:`qfx_onnx.fixed.reference`) and the ONNX form (:mod:`qfx_onnx.quant.onnx_cast`) are separate
 and tested against each other. The bit-level overflow modes (``AP_WRAP`` with N > 0, signed
-``AP_WRAP_SM``) are arithmetic on the W-bit code here too; ``ap_int`` and W > 53 stay on cast.py's
-int64 path (rounded by :func:`round_`).
+``AP_WRAP_SM``) are arithmetic on the code here too, in place as the others (``_bit_level``: a
+clamp of the bits above W - N and a reflection of the bits below); ``ap_int`` and W > 53 stay on
+cast.py's int64 path (rounded by :func:`round_`).
 
 Exactness (``y = x * 2**F`` is exact in the work dtype, or an infinity). Each rounding mode is
 spelled with ``floor``/``ceil``/``trunc``/``round``, halving and sign copies only, all exact for
@@ -54,6 +55,8 @@ class FloatSpec:
     int_min: float  # the type's full code range (overflow test of AP_SAT_ZERO and the bit-level modes)
     int_max: float
     n: int = 0  # saturation bits of AP_WRAP / AP_WRAP_SM
+    nan_lo: float = 0.0  # the codes of -inf and +inf (and of NaN, read as one by its sign)
+    nan_hi: float = 0.0
 
     @property
     def bit_level(self) -> bool:
@@ -74,7 +77,25 @@ def float_spec(t: FixedType) -> FloatSpec:
     """The :class:`FloatSpec` of ``t`` (any binary point; only W, sign and modes matter)."""
     o = t.o if t.signed or t.o is not O.WRAP_SM else O.SAT
     lo = t.sat_min_code if o is O.SAT_SYM else t.int_min
-    return FloatSpec(t.q, o, t.width, t.signed, float(lo), float(t.int_max), float(t.int_min), float(t.int_max), t.n)
+    return FloatSpec(t.q, o, t.width, t.signed, float(lo), float(t.int_max), float(t.int_min), float(t.int_max), t.n,
+                     *_infinity_codes(o, t.width, t.n, t.signed, float(lo), float(t.int_max)))
+
+
+def _infinity_codes(o: O, w: int, n: int, signed: bool, lo: float, hi: float) -> tuple[float, float]:
+    """The codes of -inf and +inf: saturated; 0 where the low W bits (all 0) are the result; under
+    the bit-level modes the low bits 0 with the top N bits set as on overflow (see _bit_level)."""
+    if o is O.SAT or o is O.SAT_SYM:
+        return lo, hi
+    if not (o is O.WRAP_SM or n > 0) or o is O.SAT_ZERO or (o is O.WRAP_SM and n == 0):
+        return 0.0, 0.0  # AP_WRAP_SM, N = 0: lD (bit W of an infinity) is 0, as is bit W-1
+    top = 2.0 ** (w - 1) - 2.0 ** (w - n)  # sign 0, bits W-N..W-2 set
+    if not signed:
+        return 2.0**w - 2.0 ** (w - n), 2.0**w - 2.0 ** (w - n)
+    if o is O.WRAP:
+        return -(2.0 ** (w - 1)), top
+    if n == 1:  # bit W-1 (0) differs from the sign of -inf: -inf inverts the low bits
+        return -1.0, 0.0
+    return -(2.0 ** (w - 1)), 2.0 ** (w - 1) - 1.0  # bit W-N (0) equals the sign of +inf: inverted
 
 
 def needs_int_path(t: FixedType) -> bool:
@@ -142,51 +163,67 @@ def overflow_(c: torch.Tensor, s: FloatSpec, fl: torch.Tensor | None = None) -> 
     return c.add_(k, alpha=-(2.0**s.width))  # inf - inf is NaN: fix_nan_ gives it 0
 
 
-def _wrap(v: torch.Tensor, bits: int) -> torch.Tensor:
-    """``v mod 2**bits`` in ``[0, 2**bits)`` for integer-valued finite ``v`` (exact: see the module doc)."""
-    return v - torch.floor(v * 2.0**-bits) * 2.0**bits
-
-
-def _finite(v: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(v), v, 0.0)
-
-
 def _bit_level(c: torch.Tensor, s: FloatSpec, fl: torch.Tensor | None) -> torch.Tensor:
-    """``AP_WRAP`` with N > 0 and signed ``AP_WRAP_SM`` as arithmetic on the W-bit code (the
-    header's bit manipulations, as in quant/onnx_cast.py): every intermediate is an integer of at
-    most W + 1 bits. NaN is read as an infinity of its sign; an infinity has no bits below 2**W.
-    ``AP_WRAP_SM`` with N = 0 needs bit W of ``floor(x * 2**F)``, which is bit W of ``c``'s floor
-    for ``AP_TRN``; the other modes pass that floor as ``fl`` (:func:`needs_floor`)."""
-    w, n = s.width, s.n
-    c = torch.where(torch.isnan(c), torch.copysign(torch.full_like(c, float("inf")), c), c)
-    out = (c < s.int_min) | (c > s.int_max)
-    neg = c < 0
-    c = torch.where(torch.isinf(c), 0.0, c)
-    wrapped = _wrap(c, w)
-    if s.signed:
-        wrapped = torch.where(wrapped > s.int_max, wrapped - 2.0**w, wrapped)
-    if s.o is O.WRAP and not s.signed:  # the top N bits set
-        adjusted = _wrap(c, w - n) + (2.0**w - 2.0 ** (w - n))
-    elif s.o is O.WRAP_SM and n <= 1:
-        ld = (_wrap(torch.floor(_finite(c if fl is None else fl) * 2.0**-w), 1) == 1) if n == 0 else neg
-        adjusted = torch.where(ld ^ (wrapped < 0), -wrapped - 1.0, wrapped)  # all bits flipped: -v - 1
-    else:  # signed AP_WRAP, N >= 1, or AP_WRAP_SM, N >= 2: MSB := sign, bits W-N..W-2 := !sign
-        low = _wrap(c, w - n)
-        if s.o is O.WRAP_SM:  # and the low W-N bits inverted when bit W-N equals the sign
-            bit = _wrap(torch.floor(c * 2.0 ** -(w - n)), 1) == 1
-            low = torch.where(bit == neg, (2.0 ** (w - n) - 1.0) - low, low)
-        adjusted = low + torch.where(neg, -(2.0 ** (w - 1)), 2.0 ** (w - 1) - 2.0 ** (w - n))
-    return torch.where(out, adjusted, wrapped)
+    """``AP_WRAP`` with N > 0 and signed ``AP_WRAP_SM`` as arithmetic on the code ``c`` (in place
+    with one temporary, two for ``AP_WRAP_SM`` with N > 0; no boolean masks but one of unsigned
+    ``AP_WRAP``'s; the header's bit manipulations, as in quant/onnx_cast.py). With ``L`` the low
+    W - N bits, ``m = floor(c * 2**-(W-N))`` the bits above and ``m'`` its clamp to the range it
+    has in range, the header's result is ``L' + 2**(W-N) * m'``: ``m' = m`` in range; on overflow
+    the top N bits are set (unsigned) or sign, !sign... (signed), which is exactly the clamp; and
+    ``AP_WRAP_SM`` inverts ``L`` (``L' = 2**(W-N) - 1 - L``) on overflow when bit W-N equals the
+    sign (N >= 2) or bit W-1 differs from it (N = 1), in both cases when ``m - m'`` is odd.
+    Every intermediate is an integer (or a half) of at most W bits, hence exact. An infinite code
+    becomes NaN (``inf - inf``), as NaN stays NaN; :func:`fix_nan_` gives both the codes of an
+    infinity of their sign (``FloatSpec.nan_lo``/``nan_hi``), as the header reads NaN."""
+    n = s.n
+    if s.o is O.WRAP_SM and n == 0:
+        return _wrap_sm0(c, s.width, fl)
+    step = 2.0 ** (s.width - n)
+    k = torch.mul(c, 1.0 / step).floor_()  # m
+    c.add_(k, alpha=-step)  # L
+    if not s.signed:  # in range m is in [0, 2**N); beyond either end all N bits are set
+        top = 2.0**n - 1.0
+        return c.add_(k.masked_fill_(k < 0, top).clamp_(max=top), alpha=step)
+    lo, hi = -(2.0 ** (n - 1)), 2.0 ** (n - 1) - 1.0
+    if s.o is O.WRAP:
+        return c.add_(k.clamp_(lo, hi), alpha=step)
+    clamped = torch.clamp(k, lo, hi)
+    flip = k.fmod_(2.0).sub_(clamped).fmod_(2.0)  # ±1 where m - m' is odd (m mod 2 first: m - m' may round)
+    half = (step - 1.0) / 2.0  # L' = half ± (L - half): a reflection, exact in halves
+    c.sub_(half).addcmul_(c, flip.mul_(flip), value=-2.0).add_(half)
+    return c.add_(clamped, alpha=step)
+
+
+def _wrap_sm0(c: torch.Tensor, w: int, fl: torch.Tensor | None) -> torch.Tensor:
+    """Signed ``AP_WRAP_SM`` with N = 0: on overflow the low W bits ``v`` are inverted when bit W-1
+    differs from ``lD``, bit W of ``floor(x * 2**F)`` (``fl``; ``c`` itself for ``AP_TRN``, ``fl``
+    None). Either way the result's sign bit is ``lD``, so with ``u = v + 1/2`` (``v`` signed)
+    the result is ``|u| * (-1)**lD - 1/2``; in range ``lD`` is the sign of ``c`` and this is ``c``.
+    From ``c``: ``v = c - 2**W * M`` with ``M = RND(c * 2**-W)``, and ``(-1)**lD = (-1)**M * sign(u)``,
+    so the result is ``u * (-1)**M - 1/2``. From ``fl`` (in ``{c - 1, c}``): only ``fl = -1`` with
+    ``c = 0`` has another bit W than ``c`` in range, and ``max(fl, -2|c|)`` mends that alone."""
+    t = torch.abs(c)
+    if fl is not None:
+        torch.maximum(fl, t.mul_(-2.0), out=fl)
+    t = torch.mul(c, 2.0 ** (1 - w), out=t).floor_().mul_(0.5).ceil_()  # M
+    c.add_(t, alpha=-(2.0**w)).add_(0.5)  # u
+    if fl is None:
+        sign = t.fmod_(2.0)  # ±1 where M is odd
+    else:
+        c.abs_()
+        sign = fl.mul_(2.0**-w).floor_().fmod_(2.0)  # ±1 where lD is set
+    return c.addcmul_(c, sign.mul_(sign), value=-2.0).sub_(0.5)  # times 1 - 2 * (0 or 1)
 
 
 def fix_nan_(out: torch.Tensor, x: torch.Tensor, s: FloatSpec, low, high) -> torch.Tensor:
-    """Set the NaN entries of ``out`` (where ``x`` was NaN, or an infinity under AP_WRAP) to what the
-    header gives: ``high``/``low`` (values of the saturated codes) by the sign of NaN under
-    saturation, 0 otherwise. ``low``/``high`` broadcast like the scale."""
+    """Set the NaN entries of ``out`` (where ``x`` was NaN, or an infinity under the wrapping
+    modes) to what the header gives for an infinity of the sign of ``x``: ``low``/``high`` (the
+    codes ``s.nan_lo``/``s.nan_hi``, or their values; they broadcast like the scale) under
+    saturation and the bit-level modes, 0 under ``AP_SAT_ZERO`` and plain ``AP_WRAP``."""
     if lazy_nan() and out.device.type == "cpu" and not torch.isnan(out.sum()):
         return out
     # spelled for inductor's CPU code, which vectorizes compares and copysign but not isnan/signbit
-    if s.o is O.SAT or s.o is O.SAT_SYM:
+    if s.o is O.SAT or s.o is O.SAT_SYM or s.bit_level:
         low, high = (v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=out.dtype, device=out.device)
                      for v in (low, high))  # a Python float would become float32 here
         fill = torch.where(torch.copysign(torch.ones_like(out), x) < 0, low, high).to(out.dtype)
@@ -199,7 +236,7 @@ def float_codes(x: torch.Tensor, s: FloatSpec, frac: int, dtype: torch.dtype) ->
     """The codes of ``T(x)`` (integer-valued floats in ``dtype``) for one binary point ``frac``."""
     fl = scaled(x, 2.0**frac, dtype, frac < 0).floor_() if needs_floor(s) else None
     c = overflow_(round_(scaled(x, 2.0**frac * s.grid, dtype, frac < 0), s.q), s, fl)
-    return fix_nan_(c, x, s, s.lo, s.hi)
+    return fix_nan_(c, x, s, s.nan_lo, s.nan_hi)
 
 
 def float_cast(x: torch.Tensor, s: FloatSpec, frac: int, dtype: torch.dtype) -> torch.Tensor:

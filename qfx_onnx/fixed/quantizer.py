@@ -577,7 +577,7 @@ class FixedQuantizer(BinaryPointQuantizer):
         if kernels.needs_floor(s):
             fl = scaled(y, self._per_channel([math.ldexp(1.0, f) for f in fracs], x, axis, y.dtype), y.dtype,
                         min(fracs) < 0).floor_()
-        out = fix_nan_(to_values_(overflow_(qv, s, fl), inv), y, s, 0.0, 0.0)  # only AP_WRAP's inf - inf is NaN
+        out = to_values_(fix_nan_(overflow_(qv, s, fl), y, s, s.nan_lo, s.nan_hi), inv)  # inf - inf is NaN
         return out.to(x.dtype), state
 
 
