@@ -85,10 +85,25 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto, *, approximate_scales
     return gm
 
 
+def _collapse_exact_nonlinear(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An exact nonlinear op that a qfx-onnx writer emitted (Gathers on its tables, tagged
+    ``qfx.nonlinear``) back to one node, which the ``qfx.nonlinear`` converters turn into the same
+    IR op with the same spec: so a file export-qonnx wrote, which keeps the tags, imports again
+    (:func:`~qfx_onnx.nonlinear.onnx_wiring.collapse_exact`; the annotated reader does the same)."""
+    from qfx_onnx.nonlinear.onnx_wiring import NL_KEY, collapse_exact, restore_types
+
+    if not any(p.key == NL_KEY for n in model.graph.node for p in n.metadata_props):
+        return model
+    collapsed, typed = collapse_exact(model)
+    restore_types(collapsed, typed, {})
+    return collapsed
+
+
 def prepare(source: str | os.PathLike | onnx.ModelProto, *, raise_unsupported: bool = True,
             approximate_scales: int | None = None) -> PreparedModel:
     """Stages 1-2: read and check the model, infer shapes, plan folding, check op support."""
     model, label = read_model(source)
+    model = _collapse_exact_nonlinear(model)
     opset = check_opset(_default_opset(model), label)
     domain_opsets = {o.domain: o.version for o in model.opset_import if o.domain not in DEFAULT_DOMAINS}
     constants = _initial_constants(model.graph, label)

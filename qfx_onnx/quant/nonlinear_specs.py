@@ -54,6 +54,8 @@ def _single_type(q) -> FixedType | None:
 
 def _output_cast(gm: fx.GraphModule, node: fx.Node):
     users = list(node.users)
+    while len(users) == 1 and op_of(users[0].target) is not None and op_of(users[0].target).name == "identity":
+        users = list(users[0].users)  # an imported quantizer: identity, then its cast (quantize.insert_quantizers)
     if len(users) == 1 and users[0].op == "call_module" and users[0].target.startswith(CAST_MODULE_PREFIX):
         return gm.get_submodule(users[0].target)
     return None

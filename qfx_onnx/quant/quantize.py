@@ -80,6 +80,10 @@ def _weight_channel_axis(param: fx.Node) -> int | None:
     return None
 
 
+def _only_read_by_imported_quantizers(node: fx.Node) -> bool:
+    return len(node.users) == 1 and "pinned_type" in next(iter(node.users)).meta
+
+
 def find_cast_sites(gm: fx.GraphModule) -> list[CastSite]:
     """Every tensor of ``gm`` that gets a cast, in graph order (see the module docstring)."""
     sites: list[CastSite] = []
@@ -109,6 +113,8 @@ def find_cast_sites(gm: fx.GraphModule) -> list[CastSite]:
                 continue
             if not pinned and node.meta.get("lossless"):  # annotated so by the qfx-onnx writer (export-qonnx keeps it)
                 continue
+            if not pinned and op.kind == "nonlinear" and _only_read_by_imported_quantizers(node):
+                continue  # the imported quantizer is its output cast: a cast of ours before it would round twice
             sites.append(CastSite(node, name, onnx_node, onnx_op, op.cast_role or "act"))
     return sites
 
