@@ -206,6 +206,18 @@ def test_qdq_zero_point_outside_a_full_range_is_an_error():
         load_onnx(_qdq_model(TensorProto.UINT8, 3))
 
 
+def test_qdq_scale_and_zero_point_problems_are_named_together():
+    """onnxruntime's default asymmetric activations: a scale that is not a power of two AND a zero
+    point that shifts the range off every ap_fixed range, both in the first message, with the fix."""
+    model = _qdq_model(TensorProto.UINT8, 55)
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.float32(0.3), "sx"))
+    with pytest.raises(OnnxModelError) as info:
+        load_onnx(model)
+    message = str(info.value)
+    assert "scale 0.300000012 is not a power of two, and zero point 55 shifts the integer range [-55, 200]" in message
+    assert "ActivationSymmetric=True" in message and "\n" not in message
+
+
 def _quantize_static_model(folder) -> tuple[Path, np.ndarray]:
     """A MatMul -> Relu -> MatMul float model through onnxruntime's quantize_static (QDQ, int8,
     symmetric: zero points 0, scales that are not powers of two), and its calibration inputs."""

@@ -141,7 +141,8 @@ def shifted_type(lo: int, hi: int, zero_point: np.ndarray, frac: int, q: QuantMo
         return code_range_type(lo - z, hi - z, frac, q)
     except QuantTypeError as exc:
         if z:
-            raise QuantTypeError(f"zero point {z} gives the {exc}") from None
+            raise QuantTypeError(f"zero point {z} shifts the {exc} (use symmetric quantization: zero point 0, "
+                                 "e.g. onnxruntime's quantize_static with extra_options ActivationSymmetric=True)") from None
         raise
 
 
@@ -151,11 +152,15 @@ def quant_pin(scale: np.ndarray, zero_point: np.ndarray, width: int, signed: boo
     if not 1 <= width <= MAX_IMPORT_WIDTH:
         raise QuantTypeError(f"bit width {width} is outside 1..{MAX_IMPORT_WIDTH}")
     exps = power_of_two_exponents(scale)
+    lo, hi = int_quant_range(width, signed, narrow)
     if exps is None:
         shown = np.asarray(scale, dtype=np.float64).ravel()
+        try:  # say everything that is wrong with this quantizer at once
+            shifted_type(lo, hi, zero_point, 0, q, round_then_shift=round_then_shift)
+        except QuantTypeError as exc:
+            raise QuantTypeError(f"scale {_show(shown)} is not a power of two, and {exc}") from None
         raise ScaleNotPowerOfTwo(f"scale {_show(shown)} is not a power of two")
     axis = channel_axis(scale, rank)
-    lo, hi = int_quant_range(width, signed, narrow)
     fracs = [int(-e) for e in exps.ravel()] if axis is not None else [int(-exps.ravel()[0])]
     types = tuple(shifted_type(lo, hi, zero_point, f, q, round_then_shift=round_then_shift) for f in fracs)
     return Pin(types, axis)
