@@ -261,3 +261,19 @@ def test_quantize_table_in_graph_order_with_a_stated_cut(work, tmp_path, monkeyp
     for row, t in zip(table, json.loads(result.stdout)["tensors"]):
         assert row.split("│")[6].strip() == (t["sqnr_db"] if isinstance(t["sqnr_db"], str) else f"{t['sqnr_db']:.1f}")
     assert "inf" in [t["sqnr_db"] for t in tensors] and None not in [t["sqnr_db"] for t in tensors]
+
+
+def test_tensor_table_prints_long_tensor_names_whole_off_a_terminal():
+    """A user's tensor name is printed whole in a file or pipe (greppable), never cut with an ellipsis."""
+    import io
+
+    from qfx_onnx.quant.report import QuantReport, TensorStats, tensor_table
+    from qfx_onnx_cli.output import LogConsole
+
+    name = "/layers/layers.1/norm2/" + "very_long_segment/" * 4 + "LayerNormalization_output_0"
+    report = QuantReport()
+    entry = TensorStats(name, "act", "ap_fixed<8,4,AP_RND,AP_SAT>")
+    report.tensors = [entry]
+    out = io.StringIO()
+    LogConsole(file=out, markup=False, force_terminal=False).print(tensor_table(report))
+    assert name in out.getvalue()

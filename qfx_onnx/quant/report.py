@@ -220,9 +220,5 @@ def tensor_table(report: QuantReport, limit: int | None = None) -> Table:
     rows = report.tensors if limit is None else report.tensors[:limit]
     for t in rows:
         sqnr = f"{t.sqnr_db:.1f}"  # "inf", "-inf" as in the JSON
-        table.add_row(_short(t.tensor), t.role, t.type, f"[{t.min:.4g}, {t.max:.4g}]", f"{t.clipped_fraction:.2%}", sqnr)
+        table.add_row(t.tensor, t.role, t.type, f"[{t.min:.4g}, {t.max:.4g}]", f"{t.clipped_fraction:.2%}", sqnr)
     return table
-
-
-def _short(name: str, width: int = 48) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1):]
