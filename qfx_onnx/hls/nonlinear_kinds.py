@@ -86,11 +86,13 @@ def _softmax_config(layer: Layer, options: dict):
     return [], [softmax_struct(p.config, kernel), run], set()
 
 
-def _softmax_call(layer: Layer, cfg: str, array) -> list[str]:
-    return [f"{cfg}_run::run({array(layer.inputs[0])}, {array(layer.output)});"]
+def _run_call(layer: Layer, cfg: str, array) -> list[str]:
+    """``<cfg>_run::run(inputs..., output)``: the call of every kind here (softmax, layer_norm, div)."""
+    args = ", ".join(array(b) for b in layer.inputs)
+    return [f"{cfg}_run::run({args}, {array(layer.output)});"]
 
 
-layer_kind(LayerKind("softmax", _build_softmax, _softmax_config, _softmax_call,
+layer_kind(LayerKind("softmax", _build_softmax, _softmax_config, _run_call,
                      iterations=lambda layer: layer.params.rows, check=_check_softmax, header=HEADER))
 
 
@@ -159,12 +161,7 @@ def _layer_norm_config(layer: Layer, options: dict):
     return [], [layer_norm_struct(p.config, kernel), run], set()
 
 
-def _layer_norm_call(layer: Layer, cfg: str, array) -> list[str]:
-    args = ", ".join(array(b) for b in layer.inputs)
-    return [f"{cfg}_run::run({args}, {array(layer.output)});"]
-
-
-layer_kind(LayerKind("layer_norm", _build_layer_norm, _layer_norm_config, _layer_norm_call,
+layer_kind(LayerKind("layer_norm", _build_layer_norm, _layer_norm_config, _run_call,
                      iterations=lambda layer: layer.params.rows, check=_check_layer_norm, header=HEADER))
 
 
@@ -218,10 +215,5 @@ def _div_config(layer: Layer, options: dict):
     return [], [table_struct(p.config, table), run], set()
 
 
-def _div_call(layer: Layer, cfg: str, array) -> list[str]:
-    a, b = layer.inputs
-    return [f"{cfg}_run::run({array(a)}, {array(b)}, {array(layer.output)});"]
-
-
-layer_kind(LayerKind("div", _build_div, _div_config, _div_call, iterations=lambda layer: layer.params.size,
+layer_kind(LayerKind("div", _build_div, _div_config, _run_call, iterations=lambda layer: layer.params.size,
                      check=_check_div, header=HEADER))

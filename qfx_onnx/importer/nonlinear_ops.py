@@ -1,5 +1,5 @@
 """Converters of the ops transformer encoders add: LayerNormalization, Gelu, Erf, Exp, Sqrt,
-Reciprocal, Pow and ReduceMax.
+Reciprocal and Pow (ReduceMax is with the other reductions in pool_ops.py).
 
 Both PyTorch exporters are covered: TorchScript writes LayerNorm as LayerNormalization from opset
 17 (below it as ReduceMean, Sub, Pow 2, Add, Sqrt, Div) and GELU as Div, Erf, Add, Mul, Mul; the
@@ -8,8 +8,6 @@ by op; :mod:`qfx_onnx.importer.fuse` then recognises them as ``layer_norm`` and 
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import numpy as np
 
@@ -81,31 +79,6 @@ def convert_pow(ctx: NodeContext) -> None:
         ctx.emit(ops.mul, x, x)
     else:
         ctx.emit(ops.mul, ctx.internal(ops.mul, x, x), x)
-
-
-def _reduce_max(ctx: NodeContext, axes: Sequence[int] | None) -> None:
-    keepdims = ctx.attr("keepdims", 1, allowed=(0, 1))
-    noop = ctx.attr("noop_with_empty_axes", 0, allowed=(0, 1))
-    rank = ctx.rank(0)
-    if axes is None or len(axes) == 0:
-        if noop:
-            ctx.emit(ops.identity, ctx.input(0))
-            return
-        axes = range(rank)
-    ctx.emit(ops.reduce_max, ctx.input(0), axes=sorted(set(ctx.axes(axes, rank))), keepdims=keepdims)
-
-
-@converter("ReduceMax", since=1)
-def convert_reduce_max_1(ctx: NodeContext) -> None:
-    """ReduceMax, ``axes`` an attribute (opsets 1-17)."""
-    _reduce_max(ctx, ctx.attr("axes", None))
-
-
-@converter("ReduceMax", since=18)
-def convert_reduce_max_18(ctx: NodeContext) -> None:
-    """ReduceMax, ``axes`` an optional constant input (opset 18 on)."""
-    axes = ctx.const(1, "axes")
-    _reduce_max(ctx, None if axes is None else axes.tolist())
 
 
 # Exact nonlinear ops read back from an annotated model: :func:`qfx_onnx.nonlinear.onnx_wiring.collapse_exact`

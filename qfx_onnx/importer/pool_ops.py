@@ -88,7 +88,9 @@ def convert_global_average_pool(ctx: NodeContext) -> None:
     _mean(ctx, list(range(2, ctx.rank(0))), keepdims=1)
 
 
-def _reduce(ctx: NodeContext, axes: Sequence[int] | None, mean: bool) -> None:
+def _reduce(ctx: NodeContext, axes: Sequence[int] | None, kind: str) -> None:
+    """ReduceSum/ReduceMean/ReduceMax (``kind`` "sum", "mean", "max"): no axes means all of them,
+    or the identity with ``noop_with_empty_axes``."""
     keepdims = ctx.attr("keepdims", 1, allowed=(0, 1))
     noop = ctx.attr("noop_with_empty_axes", 0, allowed=(0, 1))
     rank = ctx.rank(0)
@@ -98,10 +100,10 @@ def _reduce(ctx: NodeContext, axes: Sequence[int] | None, mean: bool) -> None:
             return
         axes = range(rank)
     axes = sorted(set(ctx.axes(axes, rank)))
-    if mean:
+    if kind == "mean":
         _mean(ctx, axes, keepdims)
     else:
-        ctx.emit(ops.reduce_sum, ctx.input(0), axes=axes, keepdims=keepdims)
+        ctx.emit(ops.reduce_max if kind == "max" else ops.reduce_sum, ctx.input(0), axes=axes, keepdims=keepdims)
 
 
 def _axes_input(ctx: NodeContext) -> list[int] | None:
@@ -112,25 +114,25 @@ def _axes_input(ctx: NodeContext) -> list[int] | None:
 @converter("ReduceSum", since=1)
 def convert_reduce_sum_1(ctx: NodeContext) -> None:
     """ReduceSum, ``axes`` an attribute (opsets 1-12)."""
-    _reduce(ctx, ctx.attr("axes", None), mean=False)
+    _reduce(ctx, ctx.attr("axes", None), "sum")
 
 
 @converter("ReduceSum", since=13)
 def convert_reduce_sum_13(ctx: NodeContext) -> None:
     """ReduceSum, ``axes`` an optional constant input (opset 13 on)."""
-    _reduce(ctx, _axes_input(ctx), mean=False)
+    _reduce(ctx, _axes_input(ctx), "sum")
 
 
 @converter("ReduceMean", since=1)
 def convert_reduce_mean_1(ctx: NodeContext) -> None:
     """ReduceMean, ``axes`` an attribute (opsets 1-17)."""
-    _reduce(ctx, ctx.attr("axes", None), mean=True)
+    _reduce(ctx, ctx.attr("axes", None), "mean")
 
 
 @converter("ReduceMean", since=18)
 def convert_reduce_mean_18(ctx: NodeContext) -> None:
     """ReduceMean, ``axes`` an optional constant input (opset 18 on)."""
-    _reduce(ctx, _axes_input(ctx), mean=True)
+    _reduce(ctx, _axes_input(ctx), "mean")
 
 
 @converter("LRN", since=1)
@@ -140,3 +142,15 @@ def convert_lrn(ctx: NodeContext) -> None:
         ops.lrn, ctx.input(0),
         size=ctx.attr("size"), alpha=ctx.attr("alpha", 1e-4), beta=ctx.attr("beta", 0.75), bias=ctx.attr("bias", 1.0),
     )
+
+
+@converter("ReduceMax", since=1)
+def convert_reduce_max_1(ctx: NodeContext) -> None:
+    """ReduceMax, ``axes`` an attribute (opsets 1-17)."""
+    _reduce(ctx, ctx.attr("axes", None), "max")
+
+
+@converter("ReduceMax", since=18)
+def convert_reduce_max_18(ctx: NodeContext) -> None:
+    """ReduceMax, ``axes`` an optional constant input (opset 18 on)."""
+    _reduce(ctx, _axes_input(ctx), "max")
