@@ -152,3 +152,20 @@ def qonnx_execute(model: onnx.ModelProto, x: np.ndarray, outputs: list[str] | No
     names = outputs or [o.name for o in model.graph.output]
     result = execute_onnx(wrapper, {model.graph.input[0].name: x}, return_full_exec_context=bool(outputs))
     return {n: np.asarray(result[n]) for n in names}
+
+
+def khot_finetuned_mlp(models_dir, train: np.ndarray):
+    """The shipped MLP quantized with a QONNX-expressible rounding, per-channel 2-hot weights,
+    finetuned one epoch on 256 training samples: the K-hot model both QONNX test files check."""
+    import qfx_onnx
+    from qfx_onnx.data import ArrayDataset, load_arrays
+    from qfx_onnx.train import FinetuneConfig, finetune
+    from qfx_onnx.train.prepare import to_khot, to_per_channel
+
+    x, y = load_arrays(models_dir / "digits.npz", "train")
+    model = qfx_onnx.quantize(models_dir / "mlp.onnx", train, calib_samples=128, rounding="AP_RND_CONV")
+    to_per_channel(model)
+    to_khot(model, 2)
+    result = finetune(model, ArrayDataset(x[:256], y[:256], "train[:256]"), None,
+                      FinetuneConfig(epochs=1, batch_size=32, val_fraction=0))
+    return result.model

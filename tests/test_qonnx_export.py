@@ -233,19 +233,12 @@ def check_exported(proto: onnx.ModelProto, annotated: Path, x: np.ndarray) -> No
 
 
 def test_khot_finetuned_model(digits, tmp_path):
-    from qfx_onnx.data import ArrayDataset, load_arrays
-    from qfx_onnx.train import FinetuneConfig, finetune
-    from qfx_onnx.train.prepare import to_khot, to_per_channel
+    from qonnx_models import khot_finetuned_mlp
 
     train, test = digits
-    x, y = load_arrays(DATA, "train")
-    model = qfx_onnx.quantize(MODELS / "mlp.onnx", train, calib_samples=128, rounding="AP_RND_CONV")
-    to_per_channel(model)
-    to_khot(model, 2)
-    data = ArrayDataset(x[:256], y[:256], "train[:256]")
-    result = finetune(model, data, None, FinetuneConfig(epochs=1, batch_size=32, val_fraction=0))
+    model = khot_finetuned_mlp(MODELS, train)
     annotated = tmp_path / "khot.qfx.onnx"
-    qfx_onnx.write_annotated(result.model, annotated)
+    qfx_onnx.write_annotated(model, annotated)
     proto = export_qonnx(annotated)
     assert any(kv.key == "qfx.khot" for a in proto.graph.quantization_annotation for kv in a.quant_parameter_tensor_names)
     check_exported(proto, annotated, test)

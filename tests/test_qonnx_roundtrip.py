@@ -84,18 +84,10 @@ def test_shipped_models_round_trip(name, flags, digits, tmp_path):
 
 
 def test_khot_finetuned_model_round_trips(digits, tmp_path):
-    from qfx_onnx.data import ArrayDataset, load_arrays
-    from qfx_onnx.train import FinetuneConfig, finetune
-    from qfx_onnx.train.prepare import to_khot, to_per_channel
+    from qonnx_models import khot_finetuned_mlp
 
     train, test = digits
-    x, y = load_arrays(DATA, "train")
-    model = qfx_onnx.quantize(MODELS / "mlp.onnx", train, calib_samples=128, rounding="AP_RND_CONV")
-    to_per_channel(model)
-    to_khot(model, 2)
-    result = finetune(model, ArrayDataset(x[:256], y[:256], "train[:256]"), None,
-                      FinetuneConfig(epochs=1, batch_size=32, val_fraction=0))
-    check_round_trip(result.model, tmp_path, train, test)
+    check_round_trip(khot_finetuned_mlp(MODELS, train), tmp_path, train, test)
 
 
 # ------------------------------------------------------------------------------ finetune
